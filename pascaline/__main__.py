@@ -1,0 +1,5 @@
+import sys
+
+from pascaline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""`pascaline bench`: synthetic real-width models, timers, reports and projections."""

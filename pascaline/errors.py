@@ -1,0 +1,56 @@
+"""User-facing errors.
+
+Every ``PascalineError`` is a mistake the user can fix (a missing or wrong file, an
+impossible size, a budget too small). The CLI prints its message as one sentence and
+exits with code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PascalineError(Exception):
+    """Base class: the message is one sentence that says what is wrong and what to do."""
+
+
+class WeightsError(PascalineError):
+    """A weights file or folder cannot be used."""
+
+
+class MissingFileError(WeightsError):
+    """A file or folder that was named does not exist or holds no weights."""
+
+
+class NotSafetensorsError(WeightsError):
+    """The file is not a safetensors file (pickled checkpoints are never loaded)."""
+
+
+class TruncatedFileError(WeightsError):
+    """The file is shorter than its own header declares (an interrupted download)."""
+
+
+class WrongModelError(WeightsError):
+    """The file holds another model than the one asked for."""
+
+
+class ConfigError(WeightsError):
+    """The tensor shapes fit no configuration of the model."""
+
+
+class StateDictError(WeightsError):
+    """Strict loading found missing or unexpected keys, or wrong shapes."""
+
+
+class TokenizerNotFoundError(PascalineError):
+    """No tokenizer could be found offline."""
+
+
+class InvalidArgumentError(PascalineError):
+    """An option has an impossible value (size, steps, sampler, dtype...)."""
+
+
+class BudgetError(PascalineError):
+    """The VRAM budget cannot hold even the smallest working set."""
+
+
+class DeviceError(PascalineError):
+    """The requested device is absent, or the installed torch cannot drive it."""

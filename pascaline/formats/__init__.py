@@ -1,0 +1,1 @@
+"""Reading weights: safetensors access, format detection, key conversion, config inference."""

@@ -1,0 +1,62 @@
+"""Say what a set of weights is, from key names and shapes only (never file names).
+
+Loaders use this for their error messages: "x.safetensors looks like the FLUX VAE,
+not a Z-Image DiT" is an answer a user can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# kind -> a phrase for messages
+KIND_NAMES = {
+    "zimage-dit": "a Z-Image DiT",
+    "qwen3-encoder": "a Qwen3 text encoder",
+    "llm": "a language model that is not Qwen3 (no q_norm)",
+    "flux-vae": "the FLUX.1 VAE",
+    "sd-vae": "a Stable Diffusion VAE (4 latent channels)",
+    "flux-dit": "a FLUX.1 transformer",
+    "sd-unet": "a Stable Diffusion UNet checkpoint",
+    "clip": "a CLIP/T5 text encoder",
+    "unknown": "no model pascaline knows",
+}
+
+_PREFIXES = ("model.diffusion_model.", "model.", "diffusion_model.", "transformer.", "vae.",
+             "first_stage_model.", "text_encoder.")
+
+
+def _strip(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def guess_kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The kind of model a ``{key: shape}`` mapping holds; one of ``KIND_NAMES``."""
+    keys = {_strip(k): s for k, s in shapes.items()}
+    raw = set(shapes)
+    if any(k.startswith("input_blocks.") for k in keys) or any(
+        k.startswith("model.diffusion_model.input_blocks.") for k in raw):
+        return "sd-unet"
+    if any(k.startswith("double_blocks.") for k in keys):
+        return "flux-dit"
+    if "cap_embedder.1.weight" in keys or "all_x_embedder.2-1.weight" in keys or any(
+        k.endswith("attention.qkv.weight") or k.endswith("attention.to_q.weight") for k in keys):
+        return "zimage-dit"
+    if any(k.endswith("self_attn.q_norm.weight") for k in keys):
+        return "qwen3-encoder"
+    if "embed_tokens.weight" in keys or any(k.endswith("self_attn.q_proj.weight") for k in keys):
+        return "llm"
+    if any(k.startswith("text_model.") or k.startswith("encoder.block.") or k.startswith("shared.")
+           for k in keys):
+        return "clip"
+    conv_in = keys.get("decoder.conv_in.weight")
+    if conv_in is not None and len(conv_in) == 4:
+        return "flux-vae" if conv_in[1] == 16 else "sd-vae"
+    return "unknown"
+
+
+def describe(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """A phrase for messages: what these weights look like."""
+    return KIND_NAMES[guess_kind(shapes)]

@@ -1,0 +1,1 @@
+"""Compute kernels; every fast path has a ``_ref`` twin tested against it."""

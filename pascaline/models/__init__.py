@@ -1,0 +1,1 @@
+"""Plain PyTorch model definitions, one file per family; no device code."""

@@ -1,0 +1,1 @@
+"""Placement plans, block streaming and the memory ledger."""

@@ -1,0 +1,1 @@
+"""Weight quantization: schemes, primitives, QLinear, quantize_, quantized files."""

@@ -1,0 +1,1 @@
+"""Device capabilities, sampling, sizing and the pipeline orchestrator."""

@@ -1,0 +1,1 @@
+"""Tiny random-weight models, built at test time and saved in every real file layout."""
