@@ -1,0 +1,97 @@
+"""Fill a meta-device model from a stream of tensors, one at a time, strictly.
+
+Every loader builds its model on ``meta`` and hands this function an iterator of
+``(canonical_key, tensor)`` pairs read lazily from the file. Each tensor is cast (or,
+when the owning module knows how, quantized) as it arrives, so peak host memory is the
+final model plus one tensor, never a second full-precision copy.
+
+A module that stores a weight in another form (``QLinear``) says so by defining
+``state_from_float(name, tensor) -> {name: tensor}``: given the float ``weight`` it
+returns its own buffers (``qweight``, ``scale``). Already-quantized tensors (a
+pre-quantized file) carry the module's own names and are taken as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pascaline.errors import StateDictError
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    prefix, _, name = key.rpartition(".")
+    try:
+        return (model.get_submodule(prefix) if prefix else model), name
+    except AttributeError:
+        return model, key
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not t.is_floating_point():
+        return t
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        # A float8 tensor that reaches a float module is widened exactly, then cast.
+        t = t.float()
+    return t.to(dtype)
+
+
+def load_state_(
+    model: nn.Module,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device | str = "cpu",
+    source: str = "the weights",
+    keep_dtype: Iterable[str] = (),
+) -> nn.Module:
+    """Load ``tensors`` into ``model`` (built on meta) strictly, with ``assign=True``.
+
+    ``dtype`` is the storage dtype of float tensors (``None`` keeps the file's);
+    keys listed in ``keep_dtype`` keep their file dtype (e.g. quantization scales).
+    Raises ``StateDictError`` naming ``source`` with the missing, unexpected or
+    mis-shaped keys.
+    """
+    expected = model.state_dict(keep_vars=True)
+    keep = set(keep_dtype)
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor in tensors:
+        owner, name = _owner(model, key)
+        convert = getattr(owner, "state_from_float", None)
+        if convert is not None and key not in expected and tensor.is_floating_point():
+            prefix = key[: len(key) - len(name)]
+            produced = convert(name, tensor)
+            state.update({prefix + k: v.to(device) for k, v in produced.items()})
+            continue
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        state[key] = _cast(tensor, None if key in keep else dtype).to(device)
+    missing = sorted(set(expected) - set(state))
+    bad_shapes = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or bad_shapes:
+        raise StateDictError(_mismatch_message(source, missing, sorted(unexpected), bad_shapes))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _mismatch_message(source: str, missing: list[str], unexpected: list[str], bad: list[str]) -> str:
+    def show(keys: list[str]) -> str:
+        head = ", ".join(keys[:6])
+        return head + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {show(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
+    if bad:
+        parts.append(f"{len(bad)} wrong shape(s): {show(bad)}")
+    return f"{source} does not match the model ({'; '.join(parts)}); is it the right file?"

@@ -1,0 +1,58 @@
+import pytest
+import torch
+from torch import nn
+
+from pascaline.errors import StateDictError
+from pascaline.formats.materialize import load_state_
+
+
+class _Halved(nn.Module):
+    """A module that stores its weight in another form, like QLinear."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("half_w", torch.empty(2, 3, device="meta"))
+
+    def state_from_float(self, name, tensor):
+        assert name == "weight"
+        return {"half_w": tensor / 2}
+
+
+def _model():
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    m.add_module("h", _Halved())
+    return m
+
+
+def _tensors():
+    return [("0.weight", torch.ones(2, 3)), ("0.bias", torch.zeros(2)), ("1.weight", torch.ones(2)),
+            ("1.bias", torch.zeros(2)), ("h.weight", torch.full((2, 3), 4.0))]
+
+
+def test_loads_casts_and_converts():
+    m = load_state_(_model(), iter(_tensors()), dtype=torch.bfloat16)
+    assert m[0].weight.dtype == torch.bfloat16 and m[0].weight.device.type == "cpu"
+    assert torch.equal(m.h.half_w, torch.full((2, 3), 2.0))
+
+
+def test_keep_dtype_and_none_dtype():
+    m = load_state_(_model(), iter(_tensors()), dtype=None, keep_dtype=["1.weight"])
+    assert m[0].weight.dtype == torch.float32
+
+
+def test_fp8_widened():
+    ts = _tensors()
+    ts[0] = ("0.weight", torch.full((2, 3), 0.5).to(torch.float8_e4m3fn))
+    m = load_state_(_model(), iter(ts), dtype=torch.float32)
+    assert torch.equal(m[0].weight, torch.full((2, 3), 0.5))
+
+
+@pytest.mark.parametrize(("edit", "pattern"), [
+    (lambda ts: ts[1:], "1 missing key.*0.weight"),
+    (lambda ts: [*ts, ("extra.weight", torch.ones(1))], "1 unexpected key.*extra.weight"),
+    (lambda ts: [("0.weight", torch.ones(3, 3)), *ts[1:]], r"wrong shape.*0.weight \(3, 3\)"),
+])
+def test_mismatch_is_listed(edit, pattern):
+    with pytest.raises(StateDictError, match=pattern):
+        load_state_(_model(), iter(edit(_tensors())), dtype=torch.float32, source="x.safetensors")
