@@ -1,0 +1,228 @@
+"""Images in and out: PNGs that carry their settings, output names, init images.
+
+A PNG we write holds two text chunks:
+- ``parameters``: the A1111 infotext that image browsers, Civitai and "PNG Info" tabs read
+  (prompt, ``Negative prompt: ...``, then ``Key: value, ...``);
+- ``pascaline``: the same settings as JSON (``generation_metadata``), which
+  ``read_png_metadata`` gives back as the dict that was written.
+Files are written under a temporary name in the target folder and renamed, so a crash or
+a cancel never leaves a half-written image under the requested name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pascaline import __version__
+from pascaline.errors import InvalidArgumentError, MissingFileError
+
+METADATA_KEY = "pascaline"
+PARAMETERS_KEY = "parameters"
+METADATA_VERSION = 1
+_MIB = 1 << 20
+
+
+# ---------------------------------------------------------------------------- hashes
+
+
+def short_hash(path: str | Path) -> str:
+    """A 12-hex "quickhash": sha256 of (file size, first MiB, last MiB).
+
+    Not A1111's "Model hash" (the first 10 hex of sha256 over the whole file): hashing 12 GB
+    costs tens of seconds per run on the machines we target, often more than the image
+    itself. The first MiB holds the safetensors header (every key, dtype, shape and the
+    metadata) and the last MiB and the size catch other variants and truncated copies,
+    which is what reproducing an image needs. We call it "quickhash" everywhere so nobody
+    pastes it where an A1111/Civitai hash is expected. A folder (a diffusers component,
+    possibly sharded) hashes the relative names and quickhashes of its safetensors files.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.safetensors") if p.is_file())
+        if not files:
+            raise MissingFileError(f"{path} holds no .safetensors files to hash; point it at a model folder.")
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(f"{file.relative_to(path).as_posix()}:{short_hash(file)}\n".encode())
+        return digest.hexdigest()[:12]
+    if not path.is_file():
+        raise MissingFileError(f"{path} does not exist; check the path.")
+    size = path.stat().st_size
+    digest = hashlib.sha256(size.to_bytes(8, "little"))
+    with path.open("rb") as f:
+        digest.update(f.read(_MIB))
+        if size > _MIB:
+            f.seek(max(_MIB, size - _MIB))
+            digest.update(f.read(_MIB))
+    return digest.hexdigest()[:12]
+
+
+def model_record(path: str | Path) -> dict[str, str]:
+    """``{"file": name, "quickhash": ...}`` for one model file or folder."""
+    path = Path(path)
+    return {"file": path.name, "quickhash": short_hash(path)}
+
+
+# ---------------------------------------------------------------------------- metadata
+
+
+def generation_metadata(
+    *,
+    prompt: str,
+    seed: int,
+    width: int,
+    height: int,
+    models: Mapping[str, str | Path],
+    negative: str | None = None,
+    sampler: str = "res_multistep",
+    scheduler: str = "linear",
+    steps: int = 8,
+    shift: float = 3.0,
+    cfg: float = 1.0,
+    quant: str | None = None,
+    blind_start: int = 0,
+    denoise: float = 1.0,
+) -> dict[str, Any]:
+    """The settings of one image as a JSON-ready dict (what the ``pascaline`` chunk holds).
+
+    ``models`` maps a role (``dit``, ``text_encoder``, ``vae``) to the file or folder used.
+    """
+    return {
+        "format_version": METADATA_VERSION, "pascaline_version": __version__,
+        "prompt": prompt, "negative": negative or "", "seed": int(seed), "sampler": sampler,
+        "scheduler": scheduler, "steps": int(steps), "shift": float(shift), "cfg": float(cfg),
+        "width": int(width), "height": int(height), "quant": quant or "none",
+        "blind_start": int(blind_start), "denoise": float(denoise),
+        "models": {role: model_record(path) for role, path in models.items()},
+    }  # fmt: skip
+
+
+def _quote(value: Any) -> str:
+    """A1111's infotext quoting: values with ``,``, ``:`` or newlines become JSON strings."""
+    text = str(value)
+    if any(c in text for c in ",:\n"):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _stem(record: Mapping[str, str]) -> str:
+    return record["file"].removesuffix(".safetensors")
+
+
+def format_parameters(meta: Mapping[str, Any]) -> str:
+    """A1111-style infotext for ``meta`` (a ``generation_metadata`` dict)."""
+    models = meta.get("models", {})
+    fields: list[tuple[str, Any]] = [
+        ("Steps", meta["steps"]), ("Sampler", meta["sampler"]), ("Schedule type", meta["scheduler"]),
+        ("CFG scale", meta["cfg"]), ("Seed", meta["seed"]), ("Size", f"{meta['width']}x{meta['height']}"),
+    ]  # fmt: skip
+    if "dit" in models:
+        fields += [("Model", _stem(models["dit"])), ("Model quickhash", models["dit"]["quickhash"])]
+    fields.append(("Shift", meta["shift"]))
+    if meta.get("denoise", 1.0) < 1.0:
+        fields.append(("Denoising strength", meta["denoise"]))
+    if meta.get("blind_start"):
+        fields.append(("Blind start", meta["blind_start"]))
+    fields.append(("Quant", meta.get("quant", "none")))
+    for role, label in (("text_encoder", "Text encoder"), ("vae", "VAE")):
+        if role in models:
+            fields += [(label, _stem(models[role])), (f"{label} quickhash", models[role]["quickhash"])]
+    fields.append(("Version", f"pascaline {meta['pascaline_version']}"))
+    lines = [meta["prompt"]]
+    if meta.get("negative"):
+        lines.append(f"Negative prompt: {meta['negative']}")
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- PNG files
+
+
+def save_png(image, path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write a PIL ``image`` to ``path`` with both metadata chunks, atomically (temp name + rename)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    info = PngInfo()
+    if meta is not None:
+        info.add_text(PARAMETERS_KEY, format_parameters(meta))  # falls back to iTXt for non-Latin-1 text
+        info.add_text(METADATA_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("xb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """All tEXt/iTXt/zTXt chunks of a PNG."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return dict(getattr(image, "text", {}))
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"{path} does not exist; check the path.") from None
+    except UnidentifiedImageError:
+        raise InvalidArgumentError(f"{path} is not an image file; give a PNG written by pascaline.") from None
+
+
+def read_png_metadata(path: str | Path) -> dict[str, Any]:
+    """The settings dict a pascaline PNG was written with (the ``pascaline`` chunk)."""
+    text = read_png_text(path).get(METADATA_KEY)
+    if text is None:
+        raise InvalidArgumentError(f"{path} carries no pascaline settings; only images pascaline wrote do.")
+    return json.loads(text)
+
+
+def output_paths(out: str | Path, count: int = 1) -> list[Path]:
+    """The files ``--out OUT --count N`` writes: ``OUT`` itself for one image, else numbered.
+
+    ``out.png`` with N = 3 gives ``out-1.png``, ``out-2.png``, ``out-3.png`` (numbers padded
+    to the width of N, so they sort), in seed order seed, seed+1, ...
+    """
+    out = Path(out)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidArgumentError(f"count must be a whole number of at least 1, not {count!r}.")
+    if out.suffix.lower() != ".png":
+        raise InvalidArgumentError(f"output {out} must end in .png; pascaline writes PNG files only.")
+    if out.is_dir():
+        raise InvalidArgumentError(f"output {out} is a folder; give a file name such as {out / 'image.png'}.")
+    if not out.parent.is_dir():
+        raise InvalidArgumentError(f"the folder {out.parent} does not exist; create it first.")
+    if count == 1:
+        return [out]
+    width = len(str(count))
+    return [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix}") for i in range(1, count + 1)]
+
+
+def load_init_image(path: str | Path, width: int, height: int):
+    """An init image as a ``[1, 3, height, width]`` fp32 tensor in [-1, 1].
+
+    EXIF orientation is applied, then the image is scaled to cover the requested size and
+    centre-cropped to it (aspect kept, no stretching), with Lanczos filtering.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as raw:
+            image = ImageOps.exif_transpose(raw).convert("RGB")
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"init image {path} does not exist; check the path.") from None
+    except UnidentifiedImageError:
+        raise InvalidArgumentError(f"init image {path} is not an image file; give a PNG or JPEG.") from None
+    image = ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())  # pixels: [H, W, 3]
+    return (pixels / 127.5 - 1.0).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
