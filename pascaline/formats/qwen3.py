@@ -1,0 +1,300 @@
+"""Load the Qwen3 text encoder of Z-Image and turn prompts into caption features.
+
+Accepted as they are: ComfyUI's single file (``model.`` prefix, bf16 or fp8, with or
+without per-tensor ``scale_weight``), a diffusers snapshot's sharded ``text_encoder/``
+(or the snapshot root), and files without the prefix. The config is read from tensor
+shapes; tensors stream one at a time from the memory-mapped file into a meta-built
+``Qwen3Encoder`` that has no last decoder layer and no final norm (Z-Image never uses
+them), whose keys are therefore skipped by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from pascaline.errors import ConfigError, InvalidArgumentError, WeightsError, WrongModelError
+from pascaline.formats.detect import describe, guess_kind
+from pascaline.formats.materialize import load_state_
+from pascaline.formats.safetensors_io import WeightSource
+from pascaline.models.qwen3_encoder import (
+    Qwen3Encoder,
+    Qwen3EncoderConfig,
+    build_encoder,
+    materialize_rotary_,
+)
+
+# The DiT's caption RoPE table has 1536 positions (axes_lens[0]). A caption of L tokens is
+# padded to Lp = ceil(L/32)*32 and the image then sits at position Lp + 1 <= 1535, so
+# Lp <= 1504: the longest caption the real DiT can place, template tokens included.
+MAX_CAPTION_TOKENS = 1504
+# diffusers' and the official pipeline's truncation length (`max_sequence_length`).
+DIFFUSERS_MAX_TOKENS = 512
+TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+PAD_ID = 151643  # <|endoftext|>
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_WEIGHT_SCALES = (".scale_weight", ".weight_scale")  # ComfyUI's old and new names
+# Activation scales of ComfyUI fp8 files: unused once weights are widened to floats.
+_INPUT_SCALES = (".scale_input", ".input_scale")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def canonical_key(key: str) -> str:
+    """A checkpoint key in ``Qwen3Model`` naming: the ``model.`` prefix removed."""
+    return key[len("model.") :] if key.startswith("model.") else key
+
+
+def resolve_encoder_path(path: str | Path) -> Path:
+    """A diffusers snapshot root stands for its ``text_encoder/`` folder."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "text_encoder").is_dir():
+        return path / "text_encoder"
+    return path
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise ConfigError(f"the text encoder has no tensor {key!r}; the file is incomplete or not Qwen3.")
+    return shapes[key]
+
+
+def infer_encoder_config(shapes: Mapping[str, tuple[int, ...]]) -> Qwen3EncoderConfig:
+    """Qwen3 shape from ``{canonical_key: shape}``.
+
+    A whole checkpoint (it has the final ``norm.weight``) gives ``used_layers =
+    num_layers - 1``; a file saved without its last layer and norm (pascaline's own
+    trimmed export) is used whole.
+    """
+    vocab, hidden = _shape(shapes, "embed_tokens.weight")
+    indices = {int(m.group(1)) for k in shapes if (m := _LAYER.match(k))}
+    if not indices:
+        raise ConfigError("the text encoder holds no decoder layers (layers.N.*); is it the right file?")
+    num_layers = max(indices) + 1
+    head_dim = _shape(shapes, "layers.0.self_attn.q_norm.weight")[0]
+    q_rows = _shape(shapes, "layers.0.self_attn.q_proj.weight")[0]
+    kv_rows = _shape(shapes, "layers.0.self_attn.k_proj.weight")[0]
+    if q_rows % head_dim or kv_rows % head_dim:
+        raise ConfigError(
+            f"q_proj ({q_rows} rows) and k_proj ({kv_rows}) are not multiples of head_dim "
+            f"{head_dim}; the text encoder file is damaged."
+        )
+    return Qwen3EncoderConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=num_layers,
+        used_layers=num_layers - 1 if "norm.weight" in shapes else num_layers,
+        num_heads=q_rows // head_dim,
+        num_kv_heads=kv_rows // head_dim,
+        head_dim=head_dim,
+        intermediate_size=_shape(shapes, "layers.0.mlp.gate_proj.weight")[0],
+        attention_bias="layers.0.self_attn.q_proj.bias" in shapes,
+    )
+
+
+def unused_keys(cfg: Qwen3EncoderConfig, keys: list[str]) -> set[str]:
+    """Canonical keys that are read by nobody: the last decoder layer (named as layer 0's
+    tensors are named in this file), the final norm and a stored LM head."""
+    if cfg.used_layers == cfg.num_layers:
+        return {"lm_head.weight"}
+    last = f"layers.{cfg.num_layers - 1}."
+    return {last + k[len("layers.0.") :] for k in keys if k.startswith("layers.0.")} | {
+        "norm.weight",
+        "lm_head.weight",
+    }
+
+
+def _check_quant_format(source: WeightSource, key: str) -> None:
+    raw = bytes(source.get(key).tolist()).decode("utf-8", "replace")
+    try:
+        fmt = json.loads(raw).get("format", "")
+    except (json.JSONDecodeError, AttributeError):
+        fmt = raw
+    if not str(fmt).startswith("float8"):
+        raise WeightsError(
+            f"{source.path} stores {key.removesuffix('.comfy_quant')} as {fmt!r}, a ComfyUI "
+            "quantization pascaline cannot read; use the bf16 or fp8 text encoder file."
+        )
+
+
+def _dequantized(source: WeightSource, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """An fp8 weight times its per-tensor (or per-row) ComfyUI scale, in float32."""
+    module = key.removesuffix(".weight")
+    scale_key = next((module + s for s in _WEIGHT_SCALES if module + s in source), None)
+    if scale_key is None:
+        return tensor  # plain fp8: load_state_ widens it exactly
+    scale = source.get(scale_key).float()
+    if scale.numel() not in (1, tensor.shape[0]):
+        raise WeightsError(
+            f"{source.path}: {scale_key} has {scale.numel()} values for a weight of "
+            f"{tensor.shape[0]} rows; only per-tensor or per-row fp8 scales are supported."
+        )
+    return tensor.float() * scale.reshape(-1, 1)
+
+
+def iter_encoder_tensors(source: WeightSource, cfg: Qwen3EncoderConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(canonical_key, tensor)`` one at a time, fp8 weights dequantized, unused ones skipped."""
+    keys = source.keys()  # file order (WeightSource is not iterable)
+    skip = unused_keys(cfg, [canonical_key(k) for k in keys])
+    for key in keys:
+        name = canonical_key(key)
+        if name.endswith(".comfy_quant"):
+            _check_quant_format(source, key)
+            continue
+        if name == "scaled_fp8" or name.endswith(_WEIGHT_SCALES + _INPUT_SCALES):
+            continue  # fp8 marker and scales: consumed with their weight below
+        if name in skip:
+            continue
+        tensor = source.get(key)
+        if tensor.dtype in _FP8 and name.endswith(".weight"):
+            tensor = _dequantized(source, key, tensor)
+        yield name, tensor
+
+
+def _resolve_scheme(quant, metadata: Mapping[str, str]):
+    if isinstance(quant, str):
+        from pascaline.quant.schemes import scheme_from_name
+
+        return scheme_from_name(quant)
+    if quant is not None or "pascaline" not in metadata:
+        return quant
+    from pascaline.quant.schemes import scheme_from_metadata
+
+    return scheme_from_metadata(metadata)
+
+
+def load_text_encoder(
+    path,
+    *,
+    dtype=torch.bfloat16,
+    device="cpu",
+    tokenizer=None,
+    quant=None,
+    max_caption_tokens: int = MAX_CAPTION_TOKENS,
+) -> TextEncoder:
+    """The Z-Image text encoder from a ComfyUI file, a ``text_encoder/`` folder or a snapshot.
+
+    ``tokenizer``: a tokenizer object, a tokenizer folder, or ``None`` to find one offline
+    next to the weights or build it (see ``pascaline.formats.tokenizer.load_tokenizer``).
+    ``quant``: a pascaline scheme (or its name) to quantize the decoder layers' linears
+    on load; a pascaline-quantized file brings its own.
+    """
+    path = resolve_encoder_path(path)
+    with WeightSource(path) as source:
+        shapes = {canonical_key(k): s for k, s in source.shapes().items()}
+        if guess_kind(shapes) != "qwen3-encoder":
+            raise WrongModelError(
+                f"{path} holds {describe(shapes)}, not a Qwen3 text encoder; pass the text encoder "
+                "(ComfyUI text_encoders/qwen_3_4b.safetensors or a diffusers snapshot's text_encoder/)."
+            )
+        cfg = infer_encoder_config(shapes)
+        model = build_encoder(cfg)
+        scheme = _resolve_scheme(quant, source.metadata)
+        keep: list[str] = []
+        if scheme is not None:
+            from pascaline.quant import keep_dtype_keys, quantize_
+
+            quantize_(model, scheme)
+            keep = keep_dtype_keys(model)
+        tensors = iter_encoder_tensors(source, cfg)
+        load_state_(model, tensors, dtype=dtype, device=device, source=str(path), keep_dtype=keep)
+    materialize_rotary_(model, device)
+    tok = _tokenizer_for(path, tokenizer)
+    return TextEncoder(model, tok, config=cfg, max_caption_tokens=max_caption_tokens)
+
+
+def _tokenizer_for(weights: Path, tokenizer):
+    from pascaline.formats.tokenizer import load_tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, str | Path):
+        return tokenizer
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    # A snapshot's text_encoder/ sits beside tokenizer/; a ComfyUI file sits in models/text_encoders/.
+    models_dir = weights.parent if weights.is_dir() else weights.parent.parent
+    return load_tokenizer(models_dir=models_dir)
+
+
+class TextEncoder:
+    """Prompts -> caption features ``[L_i, hidden]``, as Z-Image's pipelines compute them.
+
+    Each prompt is wrapped in Qwen3's chat template (no BOS/EOS, no think tags), the batch
+    is right-padded and run with the padding mask, and padded positions are dropped.
+    """
+
+    def __init__(
+        self,
+        model: Qwen3Encoder,
+        tokenizer,
+        *,
+        config: Qwen3EncoderConfig | None = None,
+        max_caption_tokens: int = MAX_CAPTION_TOKENS,
+    ):
+        if max_caption_tokens < 1:
+            raise InvalidArgumentError(f"max_caption_tokens must be positive, got {max_caption_tokens}.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_caption_tokens = max_caption_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (norms are never quantized, so theirs is the model's)."""
+        return self.model.layers[0].input_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the token ids go: the embedding's device (a float or int8 table)."""
+        return next(t for t in self.model.embed_tokens.state_dict().values()).device
+
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        """Template ids of each prompt, full length (``[151644, 872, 198, ..., 77091, 198]``)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = [TEMPLATE.format(p) for p in prompts]
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _limited(self, ids: list[list[int]], max_tokens: int | None) -> list[list[int]]:
+        if max_tokens is not None:
+            if not 1 <= max_tokens <= self.max_caption_tokens:
+                raise InvalidArgumentError(
+                    f"max_tokens={max_tokens} is outside 1..{self.max_caption_tokens}; use "
+                    f"{DIFFUSERS_MAX_TOKENS} to truncate as diffusers does, or leave it unset."
+                )
+            return [seq[:max_tokens] for seq in ids]
+        for i, seq in enumerate(ids):
+            if len(seq) > self.max_caption_tokens:
+                raise InvalidArgumentError(
+                    f"prompt {i + 1} is {len(seq)} tokens long with the chat template, more than the "
+                    f"{self.max_caption_tokens} the DiT can place; shorten it, or pass "
+                    f"max_tokens={DIFFUSERS_MAX_TOKENS} to truncate it as diffusers does."
+                )
+        return ids
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str], *, max_tokens: int | None = None) -> list[torch.Tensor]:
+        """Caption features, one ``[L_i, hidden]`` tensor per prompt (no padding rows).
+
+        ``max_tokens=None`` keeps every token and refuses a prompt longer than
+        ``max_caption_tokens``; ``max_tokens=512`` truncates exactly as diffusers does.
+        """
+        ids = self._limited(self.tokenize(prompts), max_tokens)
+        lengths = [len(seq) for seq in ids]
+        width = max(lengths)
+        batch = torch.full((len(ids), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, seq in enumerate(ids):
+            batch[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, : len(seq)] = 1
+        device = self.device
+        # hidden: [B, L, hidden] = the full model's hidden_states[-2]
+        hidden = self.model(input_ids=batch.to(device), attention_mask=mask.to(device)).last_hidden_state
+        return [hidden[i, :n].clone() for i, n in enumerate(lengths)]
