@@ -1,0 +1,221 @@
+"""BlockStreamer on a small stand-in model: streamed == resident bitwise, budgets, restore."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pascaline.offload.ledger import LeakError, MemoryLedger
+from pascaline.offload.plan import plan_for_model, unit_sizes
+from pascaline.offload.streamer import BlockStreamer, HostPool
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.register_buffer("gain", torch.rand(dim) + 0.5)
+        self.register_buffer("shift", torch.arange(dim, dtype=torch.int64), persistent=False)
+
+    def forward(self, x):
+        # x: [B, L, D]
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x)))) * self.gain + self.shift.to(x.dtype) * 1e-3
+
+
+class StandIn(nn.Module):
+    """Three lists of blocks, like the DiT's refiners and layers, plus non-block weights."""
+
+    offload_units = ("refiner", "context", "layers")
+
+    def __init__(self, dim: int = 16, depth: tuple[int, int, int] = (2, 1, 5), reverse: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.refiner = nn.ModuleList([Block(dim, 2 * dim) for _ in range(depth[0])])
+        self.context = nn.ModuleList([Block(dim, 3 * dim) for _ in range(depth[1])])  # larger units
+        self.layers = nn.ModuleList([Block(dim, 2 * dim) for _ in range(depth[2])])
+        self.head = nn.Linear(dim, 8)
+        self.register_buffer("freqs", torch.polar(torch.ones(dim), torch.rand(dim)))  # complex64
+        self.reverse = reverse
+        with torch.no_grad():  # a non-contiguous weight must come back with its strides
+            self.layers[0].fc1.weight = nn.Parameter(torch.randn(dim, 2 * dim).t())
+
+    def forward(self, x):
+        h = self.embed(x) * self.freqs.real
+        blocks = [*self.refiner, *self.context, *self.layers]
+        for block in reversed(blocks) if self.reverse else blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def run(model, x, calls=3):
+    with torch.no_grad():
+        return [model(x + i) for i in range(calls)]
+
+
+def snapshot(model):
+    return {
+        k: (v.clone(), v.stride(), v.dtype, v.device) for k, v in model.state_dict(keep_vars=True).items()
+    }
+
+
+@pytest.fixture
+def model():
+    return StandIn().eval()
+
+
+X = torch.randn(2, 5, 8)
+
+
+def budgets(model, prefetch=1):
+    """Budgets that force 0, some and all units to stream (activations: 1000 bytes)."""
+    sizes = [b for _, b in unit_sizes(model)]
+    other = plan_for_model(model, None, 0).other_bytes
+    everything = 1000 + other + sum(sizes)
+    all_streamed = 1000 + other + (prefetch + 1) * max(sizes)
+    return {"none": everything, "some": all_streamed + 3 * max(sizes), "all": all_streamed}
+
+
+@pytest.mark.parametrize("case", ["none", "some", "all"])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_streamed_equals_resident_bitwise(model, case, prefetch):
+    reference = run(model, X)
+    budget = budgets(model, prefetch)[case]
+    streamer = BlockStreamer(model, budget, "cpu", activation_bytes=1000, prefetch=prefetch)
+    plan = streamer.plan
+    if case == "some":
+        assert 3 <= len(plan.resident) < 8 and plan.slots == prefetch + 1
+    else:
+        assert len(plan.streamed) == {"none": 0, "all": 8}[case]
+    with streamer:
+        got = run(model, X)
+    for a, b in zip(reference, got, strict=True):
+        assert torch.equal(a, b)
+    stats = streamer.stats
+    assert stats.peak_device_bytes == plan.weight_bytes  # own accounting == the plan
+    assert plan.expected_peak_bytes == stats.peak_device_bytes + 1000 <= budget
+    assert stats.device_bytes == 0 and stats.forwards == 3
+
+
+def test_every_streamed_unit_is_copied_each_call_and_the_window_wraps(model):
+    streamer = BlockStreamer(model, budgets(model)["all"], "cpu", activation_bytes=1000, prefetch=1)
+    sizes = dict(unit_sizes(model))
+    with streamer:
+        run(model, X, calls=4)
+        stats = streamer.stats
+    assert streamer.plan.slots == 2 and len(streamer.plan.streamed) == 8
+    # 4 calls x 8 units, plus the first unit of a fifth call prefetched by the last unit
+    assert stats.copies == 4 * 8 + 1
+    assert stats.h2d_bytes == 4 * sum(sizes.values()) + sizes["refiner.0"]
+    assert stats.pageable_bytes == sum(sizes.values()) and stats.pinned_bytes == 0
+    assert stats.copy_seconds > 0 and stats.h2d_gbps > 0 and stats.hidden_copy_share == 0.0
+
+
+def test_streamed_weights_are_views_of_the_reused_slots(model):
+    streamer = BlockStreamer(model, budgets(model)["all"], "cpu", activation_bytes=1000)
+    seen = []
+
+    def probe(module, args):
+        seen.append(module.fc1.weight.data_ptr())
+
+    with streamer:
+        handles = [b.register_forward_pre_hook(probe) for b in model.layers]  # after the streamer's
+        slots = [s.buffer for s in streamer._slots]
+        ranges = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in slots]
+        run(model, X, calls=2)
+        assert [s.buffer.data_ptr() for s in streamer._slots] == [s.data_ptr() for s in slots]  # no churn
+        host = model.layers[1].fc1.weight.data_ptr()
+        assert not any(lo <= host < hi for lo, hi in ranges)  # between calls: the host pack
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == 10
+    assert all(any(lo <= p < hi for lo, hi in ranges) for p in seen)
+
+
+def test_detach_restores_the_module_exactly(model):
+    before = snapshot(model)
+    params = dict(model.named_parameters())
+    reference = run(model, X, calls=1)
+    with BlockStreamer(model, budgets(model)["some"], "cpu", activation_bytes=1000):
+        run(model, X, calls=2)
+    after = snapshot(model)
+    assert before.keys() == after.keys()
+    for key, (value, stride, dtype, device) in before.items():
+        got = after[key]
+        assert torch.equal(value, got[0]) and (stride, dtype, device) == got[1:], key
+    assert model.layers[0].fc1.weight.stride() == (1, 32)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert torch.equal(run(model, X, calls=1)[0], reference[0])
+    assert model.layers[3].shift.dtype == torch.int64 and "shift" not in model.layers[3].state_dict()
+
+
+def test_unexpected_order_and_a_failed_forward_stay_correct(model):
+    reversed_model = StandIn(reverse=True).eval()
+    reversed_model.load_state_dict(model.state_dict())
+    reference = run(reversed_model, X)
+    with BlockStreamer(reversed_model, budgets(model)["all"], "cpu", activation_bytes=1000, prefetch=2):
+        with pytest.raises(RuntimeError), torch.no_grad():
+            reversed_model(torch.randn(2, 5, 7))  # shape error inside the first block
+        got = run(reversed_model, X)
+    for a, b in zip(reference, got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_inference_mode_and_grad_guard(model):
+    reference = run(model, X, calls=1)[0]
+    with BlockStreamer(model, budgets(model)["all"], "cpu", activation_bytes=1000):
+        with torch.inference_mode():
+            assert torch.equal(model(X), reference)
+        with pytest.raises(RuntimeError, match="no_grad"):
+            model(X)
+
+
+def test_ledger_sees_the_placement_and_its_release(model):
+    ledger = MemoryLedger(strict=True)
+    streamer = BlockStreamer(
+        model, budgets(model)["some"], "cpu", activation_bytes=1000, ledger=ledger, name="dit"
+    )
+    with ledger.stage("dit") as record, streamer:
+        run(model, X, calls=1)
+        assert ledger.owners() == {"dit": streamer.plan.weight_bytes}
+    assert record.freed and record.peak_placed_bytes == streamer.plan.weight_bytes
+    with pytest.raises(LeakError, match="dit"), ledger.stage("leaky"):
+        streamer.attach_()  # never detached inside the stage
+    streamer.detach_()
+
+
+def test_a_plan_for_another_model_is_refused(model):
+    other = StandIn(depth=(1, 1, 1))
+    plan = plan_for_model(other, None, 0)
+    with pytest.raises(ValueError, match="does not describe"):
+        BlockStreamer(model, plan).attach_()
+
+
+def test_host_pool_caps_pinned_bytes():
+    pool = HostPool(pin=False, pin_limit_bytes=1 << 30)
+    buffers = [pool.allocate(100), pool.allocate(50)]
+    assert (pool.pinned_bytes, pool.pageable_bytes) == (0, 150)
+    pool.free(buffers[0])
+    assert pool.pageable_bytes == 50
+
+
+@pytest.mark.cuda
+def test_cuda_streaming_with_pinned_pool_and_fallback(model):
+    reference = run(model, X)
+    cuda_model = model
+    sizes = dict(unit_sizes(model))
+    cap = sizes["layers.1"] * 3  # three units pinned, the rest pageable
+    streamer = BlockStreamer(
+        cuda_model, budgets(model)["all"], "cuda", activation_bytes=1000, pin_limit_bytes=cap
+    )
+    with streamer:
+        got = run(cuda_model, X.cuda())
+        stats = streamer.stats
+        assert streamer.model.head.weight.is_cuda
+    for a, b in zip(reference, got, strict=True):
+        torch.testing.assert_close(a, b.cpu())
+    assert 0 < stats.pinned_bytes <= cap and stats.pageable_bytes > 0
+    assert stats.copy_seconds > 0 and 0.0 <= stats.hidden_copy_share <= 1.0
+    assert not model.head.weight.is_cuda
