@@ -1,0 +1,153 @@
+"""Timers: warm-up then N timed iterations, per-block times, peak host RSS and peak VRAM.
+
+Every timed interval ends with a device synchronize on CUDA, so a figure is the time the
+work took, not the time its launch took. Per-block times come from one extra iteration
+with forward hooks (a synchronize per block would hide streaming overlap, so they are
+never taken during the timed iterations) and turn a reduced-depth s/it into a full-depth
+one, labelled as extrapolated.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Seconds per iteration over the timed iterations."""
+
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Stats:
+        if not samples:
+            raise ValueError("no timed iteration")
+        return cls(statistics.median(samples), min(samples), max(samples))
+
+    def as_dict(self) -> dict[str, float]:
+        return {"median": self.median, "min": self.min, "max": self.max}
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_iterations(fn: Callable[[], object], *, warmup: int, iterations: int,
+                    device: torch.device | str, progress: Callable[[str], None] | None = None) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``iterations`` times timed; seconds per call."""
+    if iterations < 1 or warmup < 0:
+        raise ValueError(f"need iterations >= 1 and warmup >= 0, got {iterations} and {warmup}")
+    for i in range(warmup):
+        fn()
+        synchronize(device)
+        if progress:
+            progress(f"warm-up {i + 1}/{warmup}")
+    samples = []
+    for i in range(iterations):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+        if progress:
+            progress(f"iteration {i + 1}/{iterations}: {samples[-1]:.3f} s")
+    return samples
+
+
+def block_times(model: torch.nn.Module, fn: Callable[[], object], device: torch.device | str) -> dict[str, float]:
+    """Mean seconds per block of each list in ``model.offload_units``, from one hooked call of ``fn``."""
+    starts: dict[int, float] = {}
+    spent: dict[str, list[float]] = {}
+    handles = []
+
+    def before(module, args):
+        synchronize(device)
+        starts[id(module)] = time.perf_counter()
+
+    def after_for(kind: str):
+        def after(module, args, output):
+            synchronize(device)
+            spent.setdefault(kind, []).append(time.perf_counter() - starts.pop(id(module)))
+        return after
+
+    for kind in model.offload_units:
+        for block in getattr(model, kind):
+            handles.append(block.register_forward_pre_hook(before))
+            handles.append(block.register_forward_hook(after_for(kind)))
+    try:
+        fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {kind: statistics.fmean(v) for kind, v in spent.items()}
+
+
+def extrapolate(seconds: float, per_block: dict[str, float], measured: dict[str, int],
+                full: dict[str, int]) -> float:
+    """``seconds`` of a reduced-depth forward plus the missing blocks of each kind at their mean time.
+
+    A kind that was not measured at all (depth 0) cannot be extrapolated: ValueError.
+    """
+    missing = {k: full[k] - measured.get(k, 0) for k in full}
+    unknown = [k for k, n in missing.items() if n > 0 and k not in per_block]
+    if unknown:
+        raise ValueError(f"no block of {unknown} was timed; cannot extrapolate to full depth")
+    return seconds + sum(n * per_block[k] for k, n in missing.items() if n > 0)
+
+
+class PeakRss:
+    """Peak resident set size of this process while the context is open (sampled every 5 ms)."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+class PeakVram:
+    """Peak bytes allocated by torch on a CUDA device while the context is open; 0 on the CPU."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.peak = 0
+
+    def __enter__(self) -> PeakVram:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
