@@ -1,0 +1,265 @@
+"""Z-Image DiT weights: detect the file form, convert key names, infer the config, load.
+
+Canonical names are the ComfyUI single file's (``pascaline.models.zimage_dit``). Two forms
+are read, told apart by key names only:
+
+- ComfyUI single file, with or without the ``model.diffusion_model.`` prefix (an AIO
+  checkpoint's other components are then ignored), a stray ``norm_final.weight`` dropped;
+  "scaled fp8" files are dequantized on the fly as ``w.float() * scale_weight``.
+- diffusers ``transformer/`` folder (one file or shards), or a snapshot root holding one:
+  ``to_q/to_k/to_v`` are fused into ``qkv`` and the renames of zimage-turbo.md §2.3 applied.
+
+Every conversion is a *plan* (canonical key -> the source keys it is made of and how),
+so the same templated map serves the pure dict converters, shape-only config inference
+and the streaming loader, which reads one tensor (or one q/k/v group) at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pascaline.errors import ConfigError, WrongModelError
+from pascaline.formats.detect import describe
+from pascaline.formats.materialize import load_state_
+from pascaline.formats.safetensors_io import WeightSource
+from pascaline.models.zimage_dit import VARIANTS, ZImageDiT, ZImageDiTConfig
+
+COMFY_PREFIX = "model.diffusion_model."
+# diffusers -> canonical substring renames; q/k/v are fused by _QKV below
+DIFFUSERS_RENAMES = (
+    ("all_x_embedder.2-1.", "x_embedder."),
+    ("all_final_layer.2-1.", "final_layer."),
+    (".attention.to_out.0.", ".attention.out."),
+    (".attention.norm_q.", ".attention.q_norm."),
+    (".attention.norm_k.", ".attention.k_norm."),
+)
+_QKV = re.compile(r"(?P<block>.+)\.attention\.to_(?P<part>[qkv])\.weight")
+# ComfyUI entries that are not weights of the model: Lumina2 relic, fp8 markers, input scales
+_COMFY_DROPPED = ("norm_final.weight", "scaled_fp8")
+_COMFY_DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_BLOCK_GROUPS = ("noise_refiner", "context_refiner", "layers")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one canonical tensor is made: ``copy`` one source, ``fuse`` q/k/v, ``dequant`` fp8 * scale."""
+
+    op: str
+    sources: tuple[str, ...]
+
+
+def detect_dit_format(keys) -> str | None:
+    """``"comfy"``, ``"diffusers"`` or ``None`` (not a Z-Image DiT), from key names only."""
+    names = _comfy_names(keys)
+    if "all_x_embedder.2-1.weight" in names or any(_QKV.fullmatch(k) for k in names):
+        return "diffusers"
+    if "x_embedder.weight" in names and "cap_embedder.1.weight" in names:
+        return "comfy"
+    return None
+
+
+def _comfy_names(keys) -> dict[str, str]:
+    """name without the prefix -> key in the file; prefixed keys win (AIO checkpoints)."""
+    prefixed = {k[len(COMFY_PREFIX):]: k for k in keys if k.startswith(COMFY_PREFIX)}
+    return prefixed or {k: k for k in keys}
+
+
+def plan_diffusers(keys) -> dict[str, Recipe]:
+    """canonical key -> Recipe for a diffusers state dict."""
+    keys = list(keys)
+    present = set(keys)
+    plan: dict[str, Recipe] = {}
+    for key in keys:
+        m = _QKV.fullmatch(key)
+        parts = tuple(f"{m['block']}.attention.to_{p}.weight" for p in "qkv") if m else ()
+        if m and all(p in present for p in parts):
+            if m["part"] == "q":
+                plan[f"{m['block']}.attention.qkv.weight"] = Recipe("fuse", parts)
+            continue
+        new = key
+        for old, rep in DIFFUSERS_RENAMES:
+            new = new.replace(old, rep)
+        plan[new] = Recipe("copy", (key,))
+    return plan
+
+
+def plan_comfy(keys) -> dict[str, Recipe]:
+    """canonical key -> Recipe for a ComfyUI single file (prefix, stray keys, scaled fp8)."""
+    names = _comfy_names(keys)
+    plan: dict[str, Recipe] = {}
+    for name, key in names.items():
+        if name in _COMFY_DROPPED or name.endswith(_COMFY_DROPPED_SUFFIXES + _SCALE_SUFFIXES):
+            continue
+        module = name.removesuffix(".weight")
+        scale = next((names[module + s] for s in _SCALE_SUFFIXES if module + s in names), None)
+        plan[name] = Recipe("dequant", (key, scale)) if scale else Recipe("copy", (key,))
+    return plan
+
+
+def plan_dit(keys) -> dict[str, Recipe]:
+    """The one dispatcher: detect the form and plan its conversion (raises for other models)."""
+    keys = list(keys)
+    fmt = detect_dit_format(keys)
+    if fmt is None:
+        raise WrongModelError("these weights are not a Z-Image DiT.")
+    return plan_diffusers(keys) if fmt == "diffusers" else plan_comfy(keys)
+
+
+def combine(recipe: Recipe, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Apply a Recipe to its source tensors (in ``recipe.sources`` order)."""
+    if recipe.op == "copy":
+        return tensors[0]
+    if recipe.op == "fuse":
+        return torch.cat(tensors, dim=0)  # [3*dim, dim] = cat(q, k, v)
+    weight, scale = tensors
+    if weight.dtype not in _FLOAT8:
+        raise WrongModelError(f"{recipe.sources[0]} is stored as {weight.dtype} with a scale: a ComfyUI "
+                              "quantized layout pascaline does not read; use the bf16 or fp8 file.")
+    scale = scale.float()
+    if scale.ndim == 1 and scale.numel() == weight.shape[0] > 1:
+        scale = scale[:, None]  # per-row scales
+    return weight.float() * scale
+
+
+def _combine_shape(recipe: Recipe, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    if recipe.op == "fuse":
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return tuple(shapes[0])
+
+
+def _convert(sd: Mapping[str, torch.Tensor], plan: dict[str, Recipe]) -> dict[str, torch.Tensor]:
+    return {key: combine(r, [sd[s] for s in r.sources]) for key, r in plan.items()}
+
+
+def convert_diffusers_dit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers ``ZImageTransformer2DModel`` state dict -> canonical (pure; tensors are shared)."""
+    return _convert(sd, plan_diffusers(sd))
+
+
+def convert_comfy_dit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI single-file state dict -> canonical (pure; prefix stripped, fp8 dequantized)."""
+    return _convert(sd, plan_comfy(sd))
+
+
+def canonical_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of any supported form -> canonical names and shapes."""
+    return {k: _combine_shape(r, [shapes[s] for s in r.sources]) for k, r in plan_dit(shapes).items()}
+
+
+def iter_dit_tensors(source: WeightSource | str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(canonical_key, tensor)`` one at a time (q/k/v read as one small group)."""
+    if not isinstance(source, WeightSource):
+        source = open_dit_source(source)
+    for key, recipe in plan_dit(source.keys()).items():
+        yield key, combine(recipe, [source.get(s) for s in recipe.sources])
+
+
+def open_dit_source(path: str | Path) -> WeightSource:
+    """A WeightSource over a single file, a ``transformer/`` folder or a snapshot root."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "transformer").is_dir():
+        path = path / "transformer"
+    return WeightSource(path)
+
+
+def _need(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
+    for k in (key, key.removesuffix(".weight") + ".qweight"):  # pascaline's quantized files
+        if k in shapes:
+            return tuple(shapes[k])
+    raise ConfigError(f"the weights lack {key}, which every Z-Image DiT has; the file is incomplete "
+                      "or of another model variant (pass config= to override).")
+
+
+def _count(shapes, group: str) -> int:
+    ids = {int(k.split(".")[1]) for k in shapes if k.startswith(group + ".") and k.split(".")[1].isdigit()}
+    return max(ids) + 1 if ids else 0
+
+
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """head_dim split 1 : 1.5 : 1.5 into even axes, like the real (32, 48, 48) for 128."""
+    if head_dim % 16:
+        raise ConfigError(f"head_dim {head_dim} cannot be split 1:1.5:1.5 into even RoPE axes like "
+                          "(32, 48, 48) for 128; pass config= with axes_dims.")
+    return head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8
+
+
+def infer_dit_config(shapes: Mapping[str, tuple[int, ...]]) -> ZImageDiTConfig:
+    """The ZImageDiTConfig that explains ``{key: shape}`` (any supported form), or ConfigError."""
+    if detect_dit_format(shapes) is None:
+        raise WrongModelError(f"these weights look like {describe(shapes)}, not a Z-Image DiT.")
+    cs = canonical_shapes(shapes)
+    dim, patch_dim = _need(cs, "x_embedder.weight")
+    counts = {g: _count(cs, g) for g in _BLOCK_GROUPS}
+    if counts["noise_refiner"] != counts["context_refiner"] or not counts["layers"]:
+        raise ConfigError(f"block counts {counts} fit no Z-Image DiT (needs main layers and as many noise "
+                          "as context refiner blocks).")
+    (head_dim,) = _need(cs, "layers.0.attention.q_norm.weight")
+    ffn_hidden = _need(cs, "layers.0.feed_forward.w1.weight")[0]
+    t_mid, t_freq = _need(cs, "t_embedder.mlp.0.weight")
+    adaln = _need(cs, "t_embedder.mlp.2.weight")[0]
+    expected = {"layers.0.attention.qkv.weight": (3 * dim, dim), "layers.0.adaLN_modulation.0.weight":
+                (4 * dim, adaln), "final_layer.linear.weight": (patch_dim, dim)}
+    for key, shape in expected.items():
+        if _need(cs, key) != shape:
+            raise ConfigError(f"{key} has shape {_need(cs, key)} where dim {dim} and adaLN width {adaln} "
+                              f"imply {shape}; no Z-Image DiT config explains these weights.")
+    if dim % head_dim or patch_dim % 4:
+        raise ConfigError(f"dim {dim} is not a multiple of head_dim {head_dim} (from q_norm), or x_embedder "
+                          f"input {patch_dim} is not 2x2 patches; no Z-Image DiT config explains this.")
+    return ZImageDiTConfig(
+        dim=dim, n_layers=counts["layers"], n_refiner_layers=counts["noise_refiner"], n_heads=dim // head_dim,
+        ffn_hidden=ffn_hidden, cap_feat_dim=_need(cs, "cap_embedder.1.weight")[1], in_channels=patch_dim // 4,
+        adaln_dim=adaln, t_mid_dim=t_mid, t_freq_dim=t_freq, axes_dims=_rope_axes(head_dim))
+
+
+def _quant_scheme(quant, metadata: Mapping[str, str]):
+    """The quantization scheme: the caller's (object or name), else the file's own, else None."""
+    if isinstance(quant, str):
+        from pascaline.quant import scheme_from_name
+
+        return scheme_from_name(quant)
+    if quant is None and "pascaline" in metadata:
+        from pascaline.quant import scheme_from_metadata
+
+        return scheme_from_metadata(metadata)
+    return quant
+
+
+def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+             config: ZImageDiTConfig | str | None = None, quant=None) -> ZImageDiT:
+    """Load a Z-Image DiT from a ComfyUI file, a diffusers ``transformer/`` folder or a snapshot root.
+
+    The model is built on ``meta`` and filled one tensor at a time from the memory-mapped
+    file, cast to ``dtype`` (or quantized when ``quant`` or the file's metadata names a
+    scheme) and placed on ``device``; the full-precision model never exists twice.
+    ``config`` (a ZImageDiTConfig or a name in ``VARIANTS``) overrides the config inferred
+    from the shapes. Returns the model in eval mode without gradients.
+    """
+    source = open_dit_source(path)
+    shapes = source.shapes()
+    if detect_dit_format(shapes) is None:
+        raise WrongModelError(f"{source.path} looks like {describe(shapes)}, not a Z-Image DiT; pass the "
+                              "diffusion model file (diffusion_models/z_image_turbo_*.safetensors) or a "
+                              "diffusers transformer/ folder.")
+    cfg = VARIANTS[config] if isinstance(config, str) else config or infer_dit_config(shapes)
+    with torch.device("meta"):
+        model = ZImageDiT(cfg)
+    scheme = _quant_scheme(quant, source.metadata)
+    if scheme is not None:
+        from pascaline.quant import quantize_
+
+        quantize_(model, scheme)
+    # Buffers of modules that convert float weights (QLinear) keep the file's dtype.
+    keep = [f"{name}.{b}" for name, m in model.named_modules() if hasattr(m, "state_from_float")
+            for b, _ in m.named_buffers(recurse=False)]
+    with source:
+        load_state_(model, iter_dit_tensors(source), dtype=dtype, device=device, source=str(source.path),
+                    keep_dtype=keep)
+    return model.requires_grad_(False).eval()
