@@ -32,6 +32,132 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- generate ------------------------------------------------------------------------------
+
+_PHASES = {"load": "loading models", "encode": "encoding prompt", "steps": "sampling", "decode": "decoding"}
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="make images from a prompt",
+        description="Make images from a prompt with Z-Image Turbo and write them as PNG files "
+        "that carry their settings.",
+    )
+    p.add_argument("prompt", help="what the image shows")
+    p.add_argument("--models", metavar="DIR", help="a ComfyUI models/ folder or a diffusers snapshot")
+    p.add_argument("--dit", metavar="PATH", help="the Z-Image DiT file or folder (instead of the one in DIR)")
+    p.add_argument("--text-encoder", metavar="PATH", help="the Qwen3-4B text encoder file or folder")
+    p.add_argument("--vae", metavar="PATH", help="the FLUX.1 VAE file or folder")
+    p.add_argument("--tokenizer", metavar="DIR", help="a Qwen tokenizer folder (default: found offline)")
+    p.add_argument("--out", default="out.png", metavar="FILE.png", help="output file (default: out.png)")
+    p.add_argument("--count", type=int, default=1, help="images to make, seeds SEED..SEED+N-1 (default 1)")
+    p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (default 1024)")
+    p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (default 1024)")
+    p.add_argument("--aspect", metavar="W:H", help="aspect ratio such as 3:2, instead of --width/--height")
+    p.add_argument("--megapixels", type=float, metavar="MP", help="image area with --aspect (default 1.0)")
+    p.add_argument("--steps", type=int, default=8, help="sampler steps (default 8)")
+    p.add_argument("--seed", type=int, help="seed of the starting noise (default: random, printed)")
+    p.add_argument("--sampler", default="res_multistep", help="res_multistep (default) or euler")
+    p.add_argument("--scheduler", default="linear", help="linear (default, diffusers) or simple (ComfyUI)")
+    p.add_argument("--shift", type=float, default=3.0, help="time shift of the schedule (default 3.0)")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale as in ComfyUI (default 1 = off)")
+    p.add_argument("--negative", metavar="TEXT", help="negative prompt (used only when --cfg is not 1)")
+    p.add_argument("--blind-start", type=int, default=0, metavar="K", help="first K steps unconditioned")
+    p.add_argument("--init-image", metavar="FILE", help="start from this image (img2img, with --denoise)")
+    p.add_argument("--denoise", type=float, default=1.0, help="share of the schedule to run (default 1)")
+    p.add_argument("--quant", default="auto", help="auto (default), none, int8, w8a8, fp8-e4m3, fp8-e5m2")
+    p.add_argument("--vram-budget", default="auto", metavar="SIZE", help="such as 7GiB (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.set_defaults(func=_cmd_generate)
+
+
+class _ProgressBars:
+    """tqdm bars per phase on a terminal; silent when stderr is not one."""
+
+    def __init__(self):
+        self.enabled = sys.stderr.isatty()
+        self.bars: dict = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            label = _PHASES.get(phase, phase)
+            bar = self.bars[phase] = tqdm(total=total, desc=label, leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            self.bars.pop(phase).close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def _peak_rss(reports) -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows: the ledger's samples are all we have
+        peaks = [r.peak_rss_bytes for r in reports if r.peak_rss_bytes is not None]
+        return max(peaks) if peaks else None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _summary(reports, seconds: float) -> str:
+    from pascaline.runtime.device import format_bytes
+
+    steps = sum(r.steps for r in reports)
+    s_per_it = sum(r.sampling_seconds for r in reports) / max(steps, 1)
+    vram = [r.peak_vram_bytes for r in reports if r.peak_vram_bytes is not None]
+    rss = _peak_rss(reports)
+    return (
+        f"{len(reports)} image(s), {steps} steps: {s_per_it:.2f} s/it, total {seconds:.1f} s, "
+        f"peak VRAM {format_bytes(max(vram)) if vram else 'n/a (CPU)'}, "
+        f"peak RSS {format_bytes(rss) if rss else 'n/a'}"
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from pascaline.runtime.images import output_paths, save_png
+    from pascaline.runtime.pipeline import GenerateOptions, load_pipeline
+    from pascaline.runtime.sizing import resolve_size
+
+    start = time.perf_counter()
+    # Every option is checked before any weights are read.
+    width, height = resolve_size(args.width, args.height, args.aspect, args.megapixels)
+    paths = output_paths(args.out, args.count)
+    options = GenerateOptions(
+        args.prompt, args.negative, width, height, args.steps, args.seed, args.sampler, args.scheduler,
+        args.shift, args.cfg, args.blind_start, args.init_image, args.denoise,
+    ).with_seed()  # fmt: skip
+    options.with_seed(options.seed + args.count - 1)  # the last seed must be in range too
+    bars = _ProgressBars()
+    try:
+        pipe = load_pipeline(
+            args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
+            device=args.device, vram_budget=args.vram_budget, quant=args.quant, progress=bars,
+        )  # fmt: skip
+        reports = []
+        for i, path in enumerate(paths):
+            image_options = options.with_seed(options.seed + i) if i else options
+            image = pipe.run(image_options)
+            save_png(image, path, pipe.metadata(image_options))
+            reports.append(pipe.last_report)
+            bars.close()
+            print(f"{path}  seed {image_options.seed}  {width}x{height}", flush=True)
+    finally:
+        bars.close()
+    print(_summary(reports, time.perf_counter() - start))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pascaline",
@@ -41,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("info", help="show versions, the GPU and what pascaline would do on it")
     p.set_defaults(func=_cmd_info)
+    _add_generate(sub)
     return parser
 
 
