@@ -68,34 +68,50 @@ def model():
 X = torch.randn(2, 5, 8)
 
 
-def budgets(model, prefetch=1):
-    """Budgets that force 0, some and all units to stream (activations: 1000 bytes)."""
+def budgets(model, prefetch=1, activation=1000):
+    """Budgets that force 0, some and all units of ``model`` to stream."""
     sizes = [b for _, b in unit_sizes(model)]
     other = plan_for_model(model, None, 0).other_bytes
-    everything = 1000 + other + sum(sizes)
-    all_streamed = 1000 + other + (prefetch + 1) * max(sizes)
-    return {"none": everything, "some": all_streamed + 3 * max(sizes), "all": all_streamed}
+    slots = min(prefetch + 1, len(sizes))
+    all_streamed = activation + other + slots * max(sizes)
+    some = all_streamed + max(1, (len(sizes) - slots) // 2) * max(sizes)
+    return {"none": activation + other + sum(sizes), "some": some, "all": all_streamed}
+
+
+def assert_streaming_is_exact(model, call, case, *, prefetch=1, activation=1000, calls=2):
+    """Run ``call(i)`` resident, then streamed under the ``case`` budget: bitwise equal, within budget."""
+    reference = [call(i) for i in range(calls)]
+    budget = budgets(model, prefetch, activation)[case]
+    streamer = BlockStreamer(model, budget, "cpu", activation_bytes=activation, prefetch=prefetch)
+    plan = streamer.plan
+    shape = {"none": (True, False), "some": (True, True), "all": (False, True)}[case]
+    assert (bool(plan.resident), bool(plan.streamed)) == shape, plan.describe()
+    with streamer:
+        got = [call(i) for i in range(calls)]
+    for want, have in zip(reference, got, strict=True):
+        for a, b in zip(_tensors(want), _tensors(have), strict=True):
+            assert torch.equal(a, b)
+    stats = streamer.stats
+    assert stats.peak_device_bytes == plan.weight_bytes  # own accounting == the plan
+    assert plan.expected_peak_bytes == stats.peak_device_bytes + activation <= budget
+    assert stats.device_bytes == 0 and stats.forwards >= calls
+    assert stats.copies >= (
+        len(plan.streamed) if len(plan.streamed) <= plan.slots else calls * len(plan.streamed)
+    )
+    return streamer
+
+
+def _tensors(value):
+    return [value] if isinstance(value, torch.Tensor) else list(value)
 
 
 @pytest.mark.parametrize("case", ["none", "some", "all"])
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_streamed_equals_resident_bitwise(model, case, prefetch):
-    reference = run(model, X)
-    budget = budgets(model, prefetch)[case]
-    streamer = BlockStreamer(model, budget, "cpu", activation_bytes=1000, prefetch=prefetch)
-    plan = streamer.plan
-    if case == "some":
-        assert 3 <= len(plan.resident) < 8 and plan.slots == prefetch + 1
-    else:
-        assert len(plan.streamed) == {"none": 0, "all": 8}[case]
-    with streamer:
-        got = run(model, X)
-    for a, b in zip(reference, got, strict=True):
-        assert torch.equal(a, b)
-    stats = streamer.stats
-    assert stats.peak_device_bytes == plan.weight_bytes  # own accounting == the plan
-    assert plan.expected_peak_bytes == stats.peak_device_bytes + 1000 <= budget
-    assert stats.device_bytes == 0 and stats.forwards == 3
+    streamer = assert_streaming_is_exact(
+        model, lambda i: run(model, X + i, calls=1)[0], case, prefetch=prefetch
+    )
+    assert streamer.plan.slots == (0 if case == "none" else prefetch + 1)
 
 
 def test_every_streamed_unit_is_copied_each_call_and_the_window_wraps(model):
@@ -219,3 +235,41 @@ def test_cuda_streaming_with_pinned_pool_and_fallback(model):
     assert 0 < stats.pinned_bytes <= cap and stats.pageable_bytes > 0
     assert stats.copy_seconds > 0 and 0.0 <= stats.hidden_copy_share <= 1.0
     assert not model.head.weight.is_cuda
+
+
+@pytest.mark.parametrize("scheme", ["int8", "w8a8", "fp8-e4m3"])
+@pytest.mark.parametrize("case", ["some", "all"])
+def test_quantized_blocks_stream_exactly(model, scheme, case):
+    from pascaline.quant import QLinear, quantize_, scheme_from_name
+
+    quantize_(model, scheme_from_name(scheme))
+    assert isinstance(model.layers[2].fc1, QLinear) and model.layers[2].fc1.qweight.element_size() == 1
+    assert_streaming_is_exact(model, lambda i: run(model, X + i, calls=1)[0], case)
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    from tests.factories.qwen3 import cached_tokenizer, make_qwen3, save_comfy
+
+    tokenizer = cached_tokenizer(tmp_path_factory.getbasetemp())
+    folder = tmp_path_factory.mktemp("models") / "text_encoders"
+    # 5 layers in the file, 4 used (hidden_states[-2]): 4 units to stream
+    path = save_comfy(make_qwen3(num_hidden_layers=5), folder / "qwen_3_4b.safetensors", dtype=torch.float32)
+    return path, tokenizer
+
+
+PROMPTS = ["a lighthouse at dusk", "two cats on a red sofa, photographed from above", "x"]
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "w8a8"])
+def test_text_encoder_streams_exactly(encoder_file, quant):
+    from pascaline.formats.qwen3 import load_text_encoder
+
+    path, tokenizer = encoder_file
+    encoder = load_text_encoder(path, dtype=torch.float32, tokenizer=tokenizer, quant=quant)
+    assert [n for n, _ in unit_sizes(encoder.model)] == [f"layers.{i}" for i in range(4)]
+    for case in ("none", "some", "all"):  # one model, attached and detached three times
+        streamer = assert_streaming_is_exact(
+            encoder.model, lambda i: encoder.encode(PROMPTS[i:]), case, activation=10**5
+        )
+    assert streamer.stats.h2d_bytes >= 2 * sum(b for _, b in streamer.plan.units)
