@@ -74,7 +74,19 @@ def quantize_(model, scheme, filter_fn: FilterFn | None = None) -> nn.Module:
                    else QLinear.from_linear(child, scheme))
         parent_name, _, name = fqn.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, name, swapped)
+    if any(isinstance(child, nn.Embedding) for _, child in chosen):
+        # a meta model is built in float32 whatever dtype the loader casts to: after loading,
+        # QEmbeddings take the dtype the model's (unquantized) float parameters got
+        module.register_load_state_dict_post_hook(_adopt_float_dtype)
     return model
+
+
+def _adopt_float_dtype(module: nn.Module, incompatible_keys) -> None:
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        for m in module.modules():
+            if isinstance(m, QEmbedding):
+                m.compute_dtype = dtype
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
