@@ -158,6 +158,74 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure s/it, stage memory and the diffusers baseline (no weights needed)",
+        description="Benchmark real-width Z-Image blocks with random weights: s/it per strategy, peak "
+        "VRAM and RAM, bytes streamed, a diffusers baseline on the same weights, per-stage memory, and "
+        "projections (a model, not a measurement) for GTX 1070, GTX 1660 Ti, RTX 2060 and T4.",
+    )
+    p.add_argument(
+        "--strategies",
+        metavar="LIST",
+        help="comma-separated: resident, streamed, resident-int8, streamed-w8a8, "
+        "streamed-fp8-e4m3, ... or 'all' (default: resident,streamed on CPU, all on CUDA)",
+    )
+    p.add_argument(
+        "--depth",
+        metavar="N|full",
+        help="main DiT layers to build (default 1 on CPU, 4 on CUDA; "
+        "'full' = 30 + 2 + 2; s/it at full depth is extrapolated from per-block times)",
+    )
+    p.add_argument("--resolution", type=int, metavar="PX", help="square image side (512 CPU, 1024 CUDA)")
+    p.add_argument("--iterations", type=int, metavar="N", help="timed iterations per strategy")
+    p.add_argument("--warmup", type=int, metavar="N", help="untimed iterations before them")
+    p.add_argument(
+        "--vram-budget",
+        metavar="SIZE",
+        help="budget of the streamed strategies, e.g. 7GiB (default: the smallest that streams)",
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    p.add_argument("--quick", action="store_true", help="a short run (well under a minute on a CPU)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline")
+    p.add_argument("--no-stages", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dim", type=int, help=argparse.SUPPRESS)  # test-size width
+    p.add_argument("--models", metavar="DIR", help="benchmark the real pipeline on the weights in DIR")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pascaline.bench.report import format_table, write_json
+    from pascaline.bench.runner import BenchOptions, run_bench
+    from pascaline.errors import InvalidArgumentError
+    from pascaline.runtime.device import parse_bytes
+
+    depth = args.depth
+    if depth is not None and depth != "full":
+        if not depth.isdigit():
+            raise InvalidArgumentError(f"--depth takes a number of layers or 'full', got {depth!r}.")
+        depth = int(depth)
+    strategies = tuple(s for s in (args.strategies or "").split(",") if s.strip()) or None
+    options = BenchOptions(
+        strategies=strategies, depth=depth, resolution=args.resolution, iterations=args.iterations,
+        warmup=args.warmup, vram_budget=parse_bytes(args.vram_budget) if args.vram_budget else None,
+        device=args.device, quick=args.quick, baseline=not args.no_baseline, stages=not args.no_stages,
+        models=args.models, dim=args.dim,
+    )  # fmt: skip
+
+    def progress(msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    progress = progress if sys.stderr.isatty() else None
+    report = run_bench(options, progress=progress)
+    print(format_table(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pascaline",
@@ -168,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show versions, the GPU and what pascaline would do on it")
     p.set_defaults(func=_cmd_info)
     _add_generate(sub)
+    _add_bench(sub)
     return parser
 
 

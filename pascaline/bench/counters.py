@@ -69,8 +69,9 @@ def token_counts(cfg, height: int, width: int, caption_tokens: int) -> TokenCoun
     if height % cell or width % cell or height <= 0 or width <= 0:
         raise ValueError(f"image size {width}x{height} must be a positive multiple of {cell}")
     n = (height // cell) * (width // cell)
-    return TokenCounts(n, _round_up(n, cfg.seq_multiple), caption_tokens,
-                       _round_up(caption_tokens, cfg.seq_multiple))
+    return TokenCounts(
+        n, _round_up(n, cfg.seq_multiple), caption_tokens, _round_up(caption_tokens, cfg.seq_multiple)
+    )
 
 
 def block_linear_params(cfg) -> int:
@@ -97,8 +98,7 @@ def other_params(cfg) -> int:
 def dit_params(cfg) -> int:
     """Parameters of the whole DiT (6,154,908,736 for Z-Image Turbo)."""
     r = cfg.n_refiner_layers
-    return ((cfg.n_layers + r) * block_params(cfg, True) + r * block_params(cfg, False)
-            + other_params(cfg))
+    return (cfg.n_layers + r) * block_params(cfg, True) + r * block_params(cfg, False) + other_params(cfg)
 
 
 def block_flops(cfg, tokens: int, modulated: bool = True) -> ForwardFlops:
@@ -110,7 +110,7 @@ def block_flops(cfg, tokens: int, modulated: bool = True) -> ForwardFlops:
 
 
 def forward_flops(cfg, tokens: TokenCounts, depth: tuple[int, int, int] | None = None) -> ForwardFlops:
-    """FLOPs of one forward; ``depth`` = (main layers, noise refiners, context refiners), default the config's."""
+    """FLOPs of one forward; ``depth``: (main, noise refiner, context refiner) blocks, default: the config."""
     n_main, n_noise, n_ctx = depth or (cfg.n_layers, cfg.n_refiner_layers, cfg.n_refiner_layers)
     parts = [
         (n_main, block_flops(cfg, tokens.total, True)),
@@ -147,7 +147,8 @@ def block_weight_bytes(cfg, storage: str, keep: str = "bf16", modulated: bool = 
     if storage in DTYPE_BYTES:
         return total * DTYPE_BYTES[storage]
     if storage not in QUANT_STORAGE:
-        raise ValueError(f"unknown storage {storage!r}; use one of {sorted(DTYPE_BYTES) + sorted(QUANT_STORAGE)}")
+        known = sorted(DTYPE_BYTES) + sorted(QUANT_STORAGE)
+        raise ValueError(f"unknown storage {storage!r}; use one of {known}")
     weight_bytes, scale_bytes = QUANT_STORAGE[storage]
     linear = block_linear_params(cfg)
     scales = 4 * 5 if scale_bytes is None else scale_bytes * linear_out_rows(cfg)

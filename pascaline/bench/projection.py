@@ -99,9 +99,12 @@ def _placement(cfg, tokens, storage: str, dtype: str, budget: int, streamed: boo
 
     r = cfg.n_refiner_layers
     units = [(f"noise_refiner.{i}", counters.block_weight_bytes(cfg, storage, dtype, True)) for i in range(r)]
-    units += [(f"context_refiner.{i}", counters.block_weight_bytes(cfg, storage, dtype, False))
-              for i in range(r)]
-    units += [(f"layers.{i}", counters.block_weight_bytes(cfg, storage, dtype, True)) for i in range(cfg.n_layers)]
+    units += [
+        (f"context_refiner.{i}", counters.block_weight_bytes(cfg, storage, dtype, False)) for i in range(r)
+    ]
+    units += [
+        (f"layers.{i}", counters.block_weight_bytes(cfg, storage, dtype, True)) for i in range(cfg.n_layers)
+    ]
     other = counters.other_params(cfg) * counters.DTYPE_BYTES[dtype]
     activations = counters.activation_bytes(cfg, tokens, dtype)
     if not streamed:
@@ -113,9 +116,10 @@ def _placement(cfg, tokens, storage: str, dtype: str, budget: int, streamed: boo
     return True, plan.streamed_bytes
 
 
-def project(cfg, spec: GpuSpec, strategy: str, quant: str | None, *, resolution: int = 1024,
-            caption_tokens: int = 64) -> Projection:
-    """Projected s/it of a full-depth forward of ``cfg`` on ``spec`` for ``strategy`` (resident | streamed)."""
+def project(
+    cfg, spec: GpuSpec, strategy: str, quant: str | None, *, resolution: int = 1024, caption_tokens: int = 64
+) -> Projection:
+    """Projected s/it of a full-depth forward of ``cfg`` on ``spec``; ``strategy``: resident | streamed."""
     from pascaline.runtime.device import DeviceCaps, compute_dtype, default_budget
 
     caps = DeviceCaps.preset(spec.preset)
@@ -123,19 +127,37 @@ def project(cfg, spec: GpuSpec, strategy: str, quant: str | None, *, resolution:
     storage = quant or dtype
     tokens = counters.token_counts(cfg, resolution, resolution, caption_tokens)
     flops = counters.forward_flops(cfg, tokens)
-    fits, streamed_bytes = _placement(cfg, tokens, storage, dtype, default_budget(caps), strategy == "streamed")
+    fits, streamed_bytes = _placement(
+        cfg, tokens, storage, dtype, default_budget(caps), strategy == "streamed"
+    )
     times = {
         "compute": _compute_seconds(spec, flops, dtype, quant),
         "memory": counters.dit_weight_bytes(cfg, storage, dtype) / (spec.vram_gbs * GB),
         "pcie": streamed_bytes / (spec.pcie_gbs * GB),
     }
     bound = max(times, key=times.get) if fits else None
-    return Projection(spec.name, strategy, dtype, quant, times[bound] if fits else None, bound,
-                      times["compute"], times["memory"], times["pcie"], streamed_bytes, fits, resolution)
+    return Projection(
+        spec.name,
+        strategy if quant is None else f"{strategy}-{quant}",
+        dtype,
+        quant,
+        times[bound] if fits else None,
+        bound,
+        times["compute"],
+        times["memory"],
+        times["pcie"],
+        streamed_bytes,
+        fits,
+        resolution,
+    )
 
 
-def project_all(cfg, strategies: list[tuple[str, str | None]], *, resolution: int = 1024,
-                caption_tokens: int = 64) -> list[Projection]:
+def project_all(
+    cfg, strategies: list[tuple[str, str | None]], *, resolution: int = 1024, caption_tokens: int = 64
+) -> list[Projection]:
     """``project`` for every card in ``GPUS`` and every ``(strategy, quant)`` pair."""
-    return [project(cfg, spec, s, q, resolution=resolution, caption_tokens=caption_tokens)
-            for spec in GPUS for s, q in strategies]
+    return [
+        project(cfg, spec, s, q, resolution=resolution, caption_tokens=caption_tokens)
+        for spec in GPUS
+        for s, q in strategies
+    ]

@@ -18,6 +18,7 @@ from pascaline.models.zimage_dit import VARIANTS, ZImageDiT, ZImageDiTConfig
 
 FULL_DEPTH = (30, 2)  # main layers, refiner layers (each of noise_refiner / context_refiner)
 CAPTION_TOKENS = 64
+REAL_DIM = VARIANTS["z-image-turbo"].dim
 CHUNK = 1 << 22  # elements per fill step for dtypes normal_ cannot write directly (fp8)
 
 
@@ -26,7 +27,7 @@ def dit_config(depth: int | str, dim: int | None = None) -> ZImageDiTConfig:
 
     Reduced depth keeps one block of each refiner, so the image and caption paths both run
     and their block times can be extrapolated. ``dim`` shrinks the width (tests only):
-    heads of 128 and the FFN ratio are kept.
+    heads of 128 and the FFN ratio are kept, the caption width follows ``dim``.
     """
     base = VARIANTS["z-image-turbo"]
     layers, refiners = FULL_DEPTH if depth == "full" else (int(depth), 1)
@@ -35,8 +36,15 @@ def dit_config(depth: int | str, dim: int | None = None) -> ZImageDiTConfig:
     cfg = replace(base, n_layers=layers, n_refiner_layers=refiners)
     if dim is not None and dim != base.dim:
         heads = max(1, dim // 128)
-        cfg = replace(cfg, dim=dim, n_heads=heads, ffn_hidden=int(dim / 3 * 8), adaln_dim=min(dim, 256),
-                      axes_dims=_axes_dims(dim // heads))
+        cfg = replace(
+            cfg,
+            dim=dim,
+            n_heads=heads,
+            ffn_hidden=int(dim / 3 * 8),
+            cap_feat_dim=dim,
+            adaln_dim=min(dim, 256),
+            axes_dims=_axes_dims(dim // heads),
+        )
     return cfg
 
 
@@ -61,7 +69,8 @@ def fill_random_(model: nn.Module, *, seed: int = 0, device: torch.device | str 
                 if tensor is None or tensor.device.type != "meta":
                     continue
                 value = _random_like(module_name, module, name, tensor, gen, torch.device(device))
-                table[name] = nn.Parameter(value, requires_grad=False) if table is module._parameters else value
+                is_param = table is module._parameters
+                table[name] = nn.Parameter(value, requires_grad=False) if is_param else value
     return model
 
 
@@ -88,8 +97,14 @@ def _random_like(module_name, module, name, meta, gen, device) -> torch.Tensor:
     return out.normal_(0, 1.0 if "pad_token" in name else std, generator=gen)
 
 
-def build_dit(cfg: ZImageDiTConfig, *, dtype: torch.dtype, device: torch.device | str = "cpu",
-              quant: str | None = None, seed: int = 0) -> ZImageDiT:
+def build_dit(
+    cfg: ZImageDiTConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    quant: str | None = None,
+    seed: int = 0,
+) -> ZImageDiT:
     """A random-weight ``ZImageDiT`` in ``dtype`` (and ``quant`` scheme name, if any) on ``device``."""
     with torch.device("meta"):
         model = ZImageDiT(cfg).to(dtype)
@@ -100,8 +115,15 @@ def build_dit(cfg: ZImageDiTConfig, *, dtype: torch.dtype, device: torch.device 
     return fill_random_(model, seed=seed, device=device).eval()
 
 
-def dit_inputs(cfg: ZImageDiTConfig, resolution: int, *, dtype: torch.dtype, device: torch.device | str,
-               caption_tokens: int = CAPTION_TOKENS, seed: int = 0):
+def dit_inputs(
+    cfg: ZImageDiTConfig,
+    resolution: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    caption_tokens: int = CAPTION_TOKENS,
+    seed: int = 0,
+):
     """(latent [1, 16, R/8, R/8], t [1], [caption features [L, cap_feat_dim]]) for one forward."""
     gen = torch.Generator().manual_seed(seed)
     side = resolution // 8
@@ -110,28 +132,42 @@ def dit_inputs(cfg: ZImageDiTConfig, resolution: int, *, dtype: torch.dtype, dev
     return x, torch.full((1,), 0.5, device=device), [cap]
 
 
-def build_encoder(layers: int = 2, *, dtype: torch.dtype, device: torch.device | str = "cpu",
-                  vocab: int = 4096, seed: int = 0) -> nn.Module:
+def build_encoder(
+    layers: int = 2,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    hidden: int = 2560,
+    vocab: int = 4096,
+    seed: int = 0,
+) -> nn.Module:
     """Real-width Qwen3 encoder layers (hidden 2560, 32/8 heads of 128, FFN 9728).
 
     The vocabulary is cut to ``vocab`` rows: the 151,936-row table would cost 1.5 GB in fp32
-    for a lookup that takes no time.
+    for a lookup that takes no time. Another ``hidden`` gives a test-size encoder.
     """
     from pascaline.models.qwen3_encoder import VARIANTS as ENC_VARIANTS
-    from pascaline.models.qwen3_encoder import build_encoder as build_meta
-    from pascaline.models.qwen3_encoder import materialize_rotary_
+    from pascaline.models.qwen3_encoder import Qwen3Encoder, materialize_rotary_
 
     cfg = replace(ENC_VARIANTS["qwen3-4b"], vocab_size=vocab, num_layers=layers + 1, used_layers=layers)
-    model = build_meta(cfg).to(dtype)
+    if hidden != cfg.hidden_size:  # test sizes: heads of 128, FFN ~3.8x as in Qwen3-4B
+        heads = max(1, hidden // 128)
+        cfg = replace(cfg, hidden_size=hidden, num_heads=heads, num_kv_heads=1, intermediate_size=4 * hidden)
+    config = cfg.to_transformers()
+    config.pad_token_id = None  # Qwen's pad id 151643 lies outside the cut vocabulary
+    with torch.device("meta"):
+        model = Qwen3Encoder(config).to(dtype)
     fill_random_(model, seed=seed, device=device)
     return materialize_rotary_(model, device).eval()
 
 
-def build_vae_decoder(*, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
-    """The real-width FLUX.1 VAE decoder (49.5 M parameters) with random weights."""
+def build_vae_decoder(
+    *, dtype: torch.dtype, device: torch.device | str = "cpu", variant: str = "flux", seed: int = 0
+) -> nn.Module:
+    """The real-width FLUX.1 VAE decoder (49.5 M parameters; ``variant="tiny"`` for tests), random weights."""
     from pascaline.models.flux_vae import VARIANTS as VAE_VARIANTS
     from pascaline.models.flux_vae import Decoder
 
     with torch.device("meta"):
-        decoder = Decoder(VAE_VARIANTS["flux"]).to(dtype)
+        decoder = Decoder(VAE_VARIANTS[variant]).to(dtype)
     return fill_random_(decoder, seed=seed, device=device).eval()

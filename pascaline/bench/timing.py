@@ -43,16 +43,32 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_iterations(fn: Callable[[], object], *, warmup: int, iterations: int,
-                    device: torch.device | str, progress: Callable[[str], None] | None = None) -> list[float]:
-    """Run ``fn`` ``warmup`` times untimed, then ``iterations`` times timed; seconds per call."""
-    if iterations < 1 or warmup < 0:
-        raise ValueError(f"need iterations >= 1 and warmup >= 0, got {iterations} and {warmup}")
-    for i in range(warmup):
+def warm_up(
+    fn: Callable[[], object],
+    n: int,
+    device: torch.device | str,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Run ``fn`` ``n`` times untimed (allocator, kernels and caches settle)."""
+    for i in range(n):
         fn()
         synchronize(device)
         if progress:
-            progress(f"warm-up {i + 1}/{warmup}")
+            progress(f"warm-up {i + 1}/{n}")
+
+
+def time_iterations(
+    fn: Callable[[], object],
+    *,
+    warmup: int,
+    iterations: int,
+    device: torch.device | str,
+    progress: Callable[[str], None] | None = None,
+) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``iterations`` times timed; seconds per call."""
+    if iterations < 1 or warmup < 0:
+        raise ValueError(f"need iterations >= 1 and warmup >= 0, got {iterations} and {warmup}")
+    warm_up(fn, warmup, device, progress)
     samples = []
     for i in range(iterations):
         synchronize(device)
@@ -65,8 +81,13 @@ def time_iterations(fn: Callable[[], object], *, warmup: int, iterations: int,
     return samples
 
 
-def block_times(model: torch.nn.Module, fn: Callable[[], object], device: torch.device | str) -> dict[str, float]:
-    """Mean seconds per block of each list in ``model.offload_units``, from one hooked call of ``fn``."""
+def block_times(
+    model: torch.nn.Module,
+    fn: Callable[[], object],
+    device: torch.device | str,
+    kinds: tuple[str, ...] = ("noise_refiner", "context_refiner", "layers"),
+) -> dict[str, float]:
+    """Mean seconds per block of each ModuleList named in ``kinds``, from one hooked call of ``fn``."""
     starts: dict[int, float] = {}
     spent: dict[str, list[float]] = {}
     handles = []
@@ -79,9 +100,10 @@ def block_times(model: torch.nn.Module, fn: Callable[[], object], device: torch.
         def after(module, args, output):
             synchronize(device)
             spent.setdefault(kind, []).append(time.perf_counter() - starts.pop(id(module)))
+
         return after
 
-    for kind in model.offload_units:
+    for kind in kinds:
         for block in getattr(model, kind):
             handles.append(block.register_forward_pre_hook(before))
             handles.append(block.register_forward_hook(after_for(kind)))
@@ -93,8 +115,9 @@ def block_times(model: torch.nn.Module, fn: Callable[[], object], device: torch.
     return {kind: statistics.fmean(v) for kind, v in spent.items()}
 
 
-def extrapolate(seconds: float, per_block: dict[str, float], measured: dict[str, int],
-                full: dict[str, int]) -> float:
+def extrapolate(
+    seconds: float, per_block: dict[str, float], measured: dict[str, int], full: dict[str, int]
+) -> float:
     """``seconds`` of a reduced-depth forward plus the missing blocks of each kind at their mean time.
 
     A kind that was not measured at all (depth 0) cannot be extrapolated: ValueError.
