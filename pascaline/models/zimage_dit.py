@@ -96,9 +96,9 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) in fp32. x: [B, S, H, Dh]; rope: [B, S, 1, Dh/2] complex."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [B, S, H, Dh/2]
-    return torch.view_as_real(xc * rope).flatten(3).type_as(x)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) in fp32. x: [..., Dh]; rope: [..., Dh/2] complex."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [..., Dh/2]
+    return torch.view_as_real(xc * rope).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -115,13 +115,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         # x: [B, S, dim]; rope: [B, S, 1, Dh/2]; key_mask: [B, S] or None
         b, s, _ = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, -1).unbind(2)  # 3 x [B, S, H, Dh]
-        q = apply_rope(self.q_norm(q), rope)
-        k = apply_rope(self.k_norm(k), rope)
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask)  # [B, H, S, Dh]
+        qkv = self.qkv(x).view(b, s, 3, self.n_heads, -1)  # [B, S, 3, H, Dh]
+        qk = apply_rope(self._qk_norm(qkv[:, :, :2]), rope[:, :, None])  # [B, S, 2, H, Dh]
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [B, H, S, Dh]
+        o = attention(q, k, qkv[:, :, 2].transpose(1, 2), key_mask)  # [B, H, S, Dh]
         o = o.transpose(1, 2).reshape(b, s, -1)  # [B, S, dim]
         # o is linear in v and feeds attention_norm2: the exact fp16 down-scaling point.
         return self.out(scale_down_fp16(o))
+
+    def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        # qk: [B, S, 2, H, Dh]; q_norm and k_norm in one pass (same math as each RMSNorm module)
+        weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # [2, 1, Dh]
+        normed = F.rms_norm(qk.float(), (qk.shape[-1],), None, self.q_norm.eps)
+        return normed.to(qk.dtype) * weight
 
 
 class FeedForward(nn.Module):
