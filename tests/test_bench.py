@@ -191,3 +191,34 @@ def test_bench_quick_writes_the_json_report(tmp_path):
 def test_bench_user_mistakes_exit_2(tmp_path):
     out = _bench(tmp_path, "--strategies", "teleported")
     assert out.returncode == 2 and "unknown strategy" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_bench_models_runs_the_real_pipeline(tmp_path):
+    """--models DIR: the real loaders and pipeline on a tiny random Z-Image saved as ComfyUI has it."""
+    from tests.factories.pipeline import build_models
+
+    models = build_models(tmp_path / "models")
+    out = _bench(
+        tmp_path,
+        "--models",
+        str(models.comfy),
+        "--resolution",
+        "64",
+        "--iterations",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+        "real.json",
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "real.json").read_text())
+    assert report["config"]["synthetic"] is False
+    assert report["config"]["depth_measured"] == {"layers": 2, "noise_refiner": 2, "context_refiner": 2}
+    (row,) = report["results"]
+    s = row["s_per_it"]
+    assert row["strategy"] == "resident" and 0 < s["min"] <= s["median"] <= s["max"]
+    assert row["full_depth_label"] == "measured" and row["peak_rss_bytes"] > 0
+    names = [st["name"] for st in report["stages"]]
+    assert "dit" in names and all(st["freed"] for st in report["stages"])

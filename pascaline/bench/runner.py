@@ -29,7 +29,7 @@ from pascaline.bench.timing import (
     time_iterations,
     warm_up,
 )
-from pascaline.errors import InvalidArgumentError, PascalineError
+from pascaline.errors import InvalidArgumentError
 
 OWN_SCHEMES = ("int8", "w8a8", "fp8-e4m3", "fp8-e5m2")
 BACKEND_SCHEMES = {"bnb-nf4": "bitsandbytes", "bnb-llm-int8": "bitsandbytes",
@@ -409,14 +409,47 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
     )
 
 
+def _real_config(models: str):
+    from pascaline.formats.zimage_dit import canonical_shapes, infer_dit_config, open_dit_source
+    from pascaline.runtime.discovery import find_model_files
+
+    return infer_dit_config(canonical_shapes(open_dit_source(find_model_files(models).dit).shapes()))
+
+
 def run_real(options: BenchOptions, progress=None) -> dict:
-    """``--models DIR``: the real pipeline on real weights, when this build has it."""
-    if importlib.util.find_spec("pascaline.runtime.pipeline") is None:
-        raise PascalineError(
-            "benchmarking real weights (--models) needs pascaline.runtime.pipeline, which this build "
-            "does not have yet; run `pascaline bench` without --models for the synthetic benchmark."
-        )
-    raise PascalineError(
-        "benchmarking real weights (--models) is not wired to the pipeline in this build yet; run "
-        "`pascaline bench` without --models for the synthetic benchmark."
+    """``--models DIR``: every strategy through the real pipeline on the weights in ``DIR``."""
+    import pascaline
+    from pascaline.bench.real import measure_real
+    from pascaline.runtime.device import DeviceCaps, check_torch_supports, default_quant
+
+    caps = DeviceCaps.probe(options.device)
+    check_torch_supports(caps)
+    quant = default_quant(caps)
+    default = ("resident",) if not caps.is_cuda else (f"streamed-{quant}" if quant else "streamed",)
+    ctx = resolve(replace(options, strategies=options.strategies or default, depth="full", dim=None), caps)
+    cfg = _real_config(options.models)
+    ctx = replace(ctx, cfg=cfg, full_cfg=cfg)
+    results, stages = [], []
+    for name in ctx.strategies:
+        if progress:
+            progress(f"strategy {name} (real weights)")
+        row, stages = measure_real(options.models, name, *parse_strategy(name), ctx)
+        results.append(row)
+    baseline = {
+        "diffusers": None,
+        "ratio": {},
+        "version": diffusers_version(),
+        "max_abs_diff": None,
+        "note": "no diffusers baseline with --models (it would hold a second copy of the weights)",
+    }
+    config = _config(ctx, options) | {"synthetic": False, "stage_resolution": ctx.resolution}
+    return build_report(
+        version=pascaline.__version__,
+        torch_version=torch.__version__,
+        device=_device_info(caps),
+        config=config,
+        results=results,
+        baseline=baseline,
+        stages=stages,
+        projection=_projection(ctx),
     )

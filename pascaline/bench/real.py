@@ -1,0 +1,85 @@
+"""``pascaline bench --models DIR``: the real pipeline on real weights, in the same report.
+
+Each strategy loads the pipeline (``resident``: no VRAM budget; ``streamed``: the user's
+budget or the device default; the scheme as its quantization), runs one untimed image of
+``warmup`` steps, then one image of ``iterations`` steps; every sampler step is one DiT
+forward, timed between the pipeline's step reports (device synchronized). Stages are the
+pipeline's own ledger records. No diffusers baseline: it would need a second copy of the
+weights in memory.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pascaline.bench.timing import Stats, synchronize
+
+PROMPT = "a lighthouse at dusk, volumetric light, 35mm photograph"
+
+
+class _StepClock:
+    """A pipeline progress callback that stamps the start and the end of every sampler step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase == "steps":
+            synchronize(self.device)
+            self.stamps.append(time.perf_counter())
+
+    def samples(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+
+
+def _stage_rows(stages: list[dict], cuda: bool) -> list[dict]:
+    return [
+        {
+            "name": s["name"],
+            "seconds": s["seconds"],
+            "peak_vram_bytes": s["peak_vram_bytes"],
+            "peak_vram_kind": "measured" if cuda else "own-accounted",
+            "peak_rss_bytes": s["peak_rss_bytes"],
+            "freed": s["freed"],
+            "leaked_bytes": max(s["leaked_bytes"], s["cuda_leaked_bytes"]),
+        }
+        for s in stages
+    ]
+
+
+def measure_real(models: str, name: str, placement: str, quant: str | None, ctx) -> tuple[dict, list[dict]]:
+    """One strategy on real weights: (result row, stage rows of the timed image)."""
+    from pascaline.runtime.pipeline import load_pipeline
+
+    clock = _StepClock(ctx.device)
+    budget = None if placement == "resident" else (ctx.vram_budget or "auto")
+    pipe = load_pipeline(models, device=str(ctx.device), vram_budget=budget, quant=quant or "none",
+                         keep_loaded=True, progress=clock)  # fmt: skip
+    size = {"width": ctx.resolution, "height": ctx.resolution, "seed": 0, "output": "latent"}
+    if ctx.warmup:
+        pipe.generate(PROMPT, steps=ctx.warmup, **size)
+    clock.stamps.clear()
+    pipe.generate(PROMPT, steps=ctx.iterations, **size)
+    report, dtype = pipe.last_report, pipe.dtypes["dit"]
+    pipe.unload_()
+    stats = Stats.of(clock.samples())
+    row = {
+        "strategy": name,
+        "compute_dtype": {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],
+        "quant": quant,
+        "s_per_it": stats.as_dict(),
+        "s_per_it_full_depth": stats.median,
+        "full_depth_label": "measured",
+        "peak_vram_bytes": report.peak_vram_bytes,
+        "peak_vram_kind": "measured" if ctx.device.type == "cuda" else "own-accounted",
+        "peak_rss_bytes": report.peak_rss_bytes,
+        "budget_bytes": pipe.budget_bytes,
+        "h2d_bytes_per_it": None,
+        "h2d_gbps": None,
+        "overlap": None,
+        "plans": dict(report.plans),
+    }
+    return row, _stage_rows(report.stages, ctx.device.type == "cuda")
