@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from pascaline.errors import (
     ConfigError,
+    InvalidArgumentError,
     MissingFileError,
     NotSafetensorsError,
     StateDictError,
@@ -124,6 +125,8 @@ def test_loads_bf16_by_default_and_config_override(ref, tmp_path):
     wrong = ZImageDiTConfig(**{**VARIANTS["tiny"].__dict__, "n_layers": 3})
     with pytest.raises(StateDictError, match="missing key.*layers.2"):
         load_dit(folder, config=wrong)
+    with pytest.raises(InvalidArgumentError, match="unknown DiT config .huge.; use one of z-image-turbo"):
+        load_dit(folder, config="huge")
 
 
 def test_detect_format():

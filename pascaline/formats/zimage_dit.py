@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pascaline.errors import ConfigError, WrongModelError
+from pascaline.errors import ConfigError, InvalidArgumentError, WrongModelError
 from pascaline.formats.detect import describe
 from pascaline.formats.materialize import load_state_
 from pascaline.formats.safetensors_io import WeightSource
@@ -248,6 +248,8 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
         raise WrongModelError(f"{source.path} looks like {describe(shapes)}, not a Z-Image DiT; pass the "
                               "diffusion model file (diffusion_models/z_image_turbo_*.safetensors) or a "
                               "diffusers transformer/ folder.")
+    if isinstance(config, str) and config not in VARIANTS:
+        raise InvalidArgumentError(f"unknown DiT config {config!r}; use one of {', '.join(VARIANTS)}.")
     cfg = VARIANTS[config] if isinstance(config, str) else config or infer_dit_config(shapes)
     with torch.device("meta"):
         model = ZImageDiT(cfg)
