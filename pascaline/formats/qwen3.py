@@ -155,6 +155,15 @@ def iter_encoder_tensors(source: WeightSource, cfg: Qwen3EncoderConfig) -> Itera
         yield name, tensor
 
 
+def _as_float_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """A pascaline-quantized file (``X.qweight``/``X.scale``) read as its float original."""
+    if not any(k.endswith(".qweight") for k in shapes):
+        return shapes
+    from pascaline.quant.files import float_shapes
+
+    return float_shapes(shapes)
+
+
 def _resolve_scheme(quant, metadata: Mapping[str, str]):
     if isinstance(quant, str):
         from pascaline.quant.schemes import scheme_from_name
@@ -191,7 +200,7 @@ def load_text_encoder(
                 f"{path} holds {describe(shapes)}, not a Qwen3 text encoder; pass the text encoder "
                 "(ComfyUI text_encoders/qwen_3_4b.safetensors or a diffusers snapshot's text_encoder/)."
             )
-        cfg = infer_encoder_config(shapes)
+        cfg = infer_encoder_config(_as_float_shapes(shapes))
         tok = _tokenizer_for(path, tokenizer)  # a missing tokenizer fails before the long read
         model = build_encoder(cfg)
         scheme = _resolve_scheme(quant, source.metadata)
