@@ -273,3 +273,54 @@ def test_text_encoder_streams_exactly(encoder_file, quant):
             encoder.model, lambda i: encoder.encode(PROMPTS[i:]), case, activation=10**5
         )
     assert streamer.stats.h2d_bytes >= 2 * sum(b for _, b in streamer.plan.units)
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    from tests.factories.dit import make_tiny_diffusers_dit, save_diffusers_dit
+
+    return save_diffusers_dit(make_tiny_diffusers_dit(seed=0), tmp_path_factory.mktemp("dit") / "transformer")
+
+
+def sampler_calls(dit, cap_dim, size=8, batch=2, seed=3):
+    """What a sampler does: the DiT called again and again on new latents and timesteps."""
+    g = torch.Generator().manual_seed(seed)
+    caps = [torch.randn(7, cap_dim, generator=g), torch.randn(40, cap_dim, generator=g)][:batch]
+    latents = torch.randn(4, batch, 16, size, size, generator=g)
+
+    @torch.no_grad()
+    def call(i):
+        return dit(latents[i], torch.tensor([0.1 + 0.2 * i, 0.5][:batch]), caps)
+
+    return call
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "w8a8"])
+def test_tiny_dit_streams_exactly(dit_folder, quant):
+    from pascaline.formats.zimage_dit import load_dit
+
+    dit = load_dit(dit_folder, dtype=torch.float32, quant=quant)
+    assert [n for n, _ in unit_sizes(dit)][:3] == ["noise_refiner.0", "noise_refiner.1", "context_refiner.0"]
+    call = sampler_calls(dit, dit.config.cap_feat_dim)
+    for case, prefetch in (("none", 1), ("some", 1), ("all", 0), ("all", 1), ("all", 2)):
+        streamer = assert_streaming_is_exact(dit, call, case, prefetch=prefetch, activation=10**6, calls=4)
+    # 6 blocks, 3 slots, 4 sampler steps: every block copied once per step, plus 2 prefetched for step 5
+    assert streamer.stats.copies == 4 * 6 + 2
+
+
+@pytest.mark.slow
+def test_real_width_dit_streams_exactly():
+    from dataclasses import replace
+
+    from pascaline.models.zimage_dit import VARIANTS, ZImageDiT
+
+    # real widths (dim 3840, FFN 10240, 30 heads), 1 + 1 + 1 blocks: 2.2 GB in fp32
+    dit = ZImageDiT(replace(VARIANTS["z-image-turbo"], n_layers=1, n_refiner_layers=1)).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            if p.ndim == 1 or "pad_token" in p.__class__.__name__:
+                p.normal_(1.0, 0.1)
+    assert max(b for _, b in unit_sizes(dit)) == 180_910_336 * 4  # one main block, fp32
+    call = sampler_calls(dit, dit.config.cap_feat_dim, size=4, batch=1)
+    for case in ("none", "some", "all"):  # one slot: at most 2.2 GB + 0.7 GB in memory
+        assert_streaming_is_exact(dit, call, case, prefetch=0, activation=10**7, calls=1)

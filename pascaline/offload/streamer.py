@@ -209,11 +209,14 @@ class BlockStreamer:
         self._fold_events()
         for handle in self._handles:
             handle.remove()
+        for unit in self._units:  # slots freed first: restoring a unit needs room for one copy
+            unit.slot = None
+        self._slots, self._current = [], None
         for unit in self._units:
             self._restore_(unit)
         for entry, tensor in self._others:
             entry.bind(_restored(entry, tensor))
-        self._slots, self._others, self._current = [], [], None
+        self._others = []
         if self.ledger is not None:
             self.ledger.release(self.name)
         self._device_bytes = 0
