@@ -46,8 +46,11 @@ def files(ref, tmp_path_factory):
     return {
         "bfl": save_bfl_vae(ref, root / "ae.safetensors"),
         "bfl_prefixed": save_bfl_vae(
-            ref, root / "ckpt.safetensors", prefix="first_stage_model.",
-            extra={"model.diffusion_model.out.0.weight": torch.ones(4)}),
+            ref,
+            root / "ckpt.safetensors",
+            prefix="first_stage_model.",
+            extra={"model.diffusion_model.out.0.weight": torch.ones(4)},
+        ),
         "diffusers_folder": root / "snapshot" / "vae",
         "snapshot_root": root / "snapshot",
     }

@@ -25,6 +25,7 @@ from pascaline.errors import ConfigError
 
 GROUPS = 32
 EPS = 1e-6
+ATTN_SCORES_PER_CHUNK = 2**24  # 64 MiB of fp32 attention scores per SDPA call
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,13 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """One-head self-attention over the H*W positions; scale 1/sqrt(C)."""
+    """One-head self-attention over the H*W positions; scale 1/sqrt(C).
+
+    Queries go through SDPA in chunks of at most ``ATTN_SCORES_PER_CHUNK`` scores: with
+    one head of 512 channels no fused kernel applies on Pascal/Turing (nor on Hopper), and
+    the math path would hold all (H*W)² scores: 2 GiB at 1024² (latent 128², 16,384
+    tokens). Each query row is computed as it would be unchunked.
+    """
 
     def __init__(self, channels: int):
         super().__init__()
@@ -109,9 +116,15 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
 
         def tokens(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, 1, c, h * w).transpose(-1, -2)  # [B, 1, HW, C]
+            return t.reshape(b, 1, c, h * w).transpose(-1, -2).contiguous()  # [B, 1, HW, C]
 
-        o = F.scaled_dot_product_attention(tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n)))
+        q, k, v = tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n))
+        del n
+        step = max(1, ATTN_SCORES_PER_CHUNK // (h * w))
+        o = torch.empty_like(q)
+        for s in range(0, h * w, step):
+            o[:, :, s : s + step] = F.scaled_dot_product_attention(q[:, :, s : s + step], k, v)
+        del q, k, v
         o = o.transpose(-1, -2).reshape(b, c, h, w)
         return self.proj_out(o).add_(x)
 
