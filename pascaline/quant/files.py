@@ -50,6 +50,24 @@ class QuantizeResult:
     output_bytes: int
 
 
+def float_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of a pascaline-quantized file as its float original had them.
+
+    ``X.qweight`` becomes ``X.weight`` (same shape) and its ``X.scale`` is dropped, so a
+    loader's config inference reads a quantized file like the float one.
+    """
+    quantized = {k[: -len(".qweight")] for k in shapes if k.endswith(".qweight")}
+    out = {}
+    for key, shape in shapes.items():
+        module, _, leaf = key.rpartition(".")
+        if module in quantized and leaf in ("qweight", "scale"):
+            if leaf == "qweight":
+                out[module + ".weight"] = shape
+            continue
+        out[key] = shape
+    return out
+
+
 def _open_dit(path: Path) -> tuple[WeightSource, nn.Module, Callable[[], Tensors]]:
     from pascaline.formats.zimage_dit import infer_dit_config, iter_dit_tensors, open_dit_source
     from pascaline.models.zimage_dit import ZImageDiT
@@ -80,8 +98,13 @@ _FAMILIES = {"zimage-dit": _open_dit, "qwen3-encoder": _open_encoder}
 
 def _kind_of(path: Path) -> str:
     # a diffusers snapshot root stands for its DiT, then its text encoder
-    probe = next((path / s for s in ("transformer", "text_encoder") if (path / s).is_dir()), path)
-    shapes = WeightSource(probe).shapes()
+    folder = next((path / s for s in ("transformer", "text_encoder") if (path / s).is_dir()), path)
+    probe = WeightSource(folder)
+    record = read_file_metadata(probe.metadata)
+    if record is not None and record.get("scheme") is not None:
+        raise InvalidArgumentError(f"{path} is already quantized ({record['scheme']}); quantize the "
+                                   "original bf16 or fp32 file instead.")
+    shapes = probe.shapes()
     kind = guess_kind(shapes)
     if kind not in _FAMILIES:
         raise WrongModelError(
@@ -180,10 +203,6 @@ def quantize_file(src, dst, scheme) -> QuantizeResult:
     dst = _target(src, dst)
     kind = _kind_of(src)
     source, model, tensors = _FAMILIES[kind](src)
-    record = read_file_metadata(source.metadata)
-    if record is not None and record.get("scheme") is not None:
-        raise InvalidArgumentError(f"{src} is already quantized ({record['scheme']}); quantize the "
-                                   "original bf16 or fp32 file instead.")
     quantize_(model, scheme)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
     try:

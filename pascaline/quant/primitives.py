@@ -28,8 +28,11 @@ def fp8_max(fmt: str) -> float:
 def absmax_scale(x: torch.Tensor, qmax: float, per_row: bool = True) -> torch.Tensor:
     """float32 scale ``amax / qmax`` per row (``[N]``) or for the tensor (``[1]``); 1 where amax is 0."""
     # x: [N, K]
-    x = x.detach().float()
-    amax = x.abs().amax(dim=-1) if per_row else x.abs().amax().reshape(1)
+    x = x.detach()
+    if per_row:
+        amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, dtype=torch.float32)
+    else:
+        amax = torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32).reshape(1)
     scale = amax / qmax
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -63,7 +66,7 @@ def quantize_fp8(
     limit = fp8_max(fmt)
     per_row = granularity == "per_channel"
     scale = absmax_scale(x, limit, per_row=per_row)
-    scaled = x.detach().float() / (scale[:, None] if per_row else scale)
+    scaled = x.detach().to(torch.float32, copy=True).div_(scale[:, None] if per_row else scale)
     return scaled.clamp_(-limit, limit).to(FP8_DTYPES[fmt]), scale
 
 
