@@ -164,10 +164,27 @@ def dit_weight_bytes(cfg, storage: str, keep: str = "bf16", depth: tuple[int, in
 
 
 def activation_bytes(cfg, tokens: TokenCounts, compute: str) -> int:
-    """Rough peak activation bytes of one main block at S tokens, for placement plans.
+    """Device bytes a forward needs beside its weights, for placement plans.
 
-    The residual stream, the block input, q/k/v and the attention output (6 x dim), and the
-    SwiGLU's three hidden tensors (3 x ffn_hidden), all in the compute dtype; attention
-    itself is assumed O(S) (memory-efficient kernels).
+    The same estimate as ``runtime.pipeline.dit_activation_bytes`` (checked there against
+    measured CUDA peaks): one block's working set (the stream, q/k/v, the attention output
+    and three FFN-wide tensors: 8 x dim + 3 x ffn_hidden per token) with a 25 % margin,
+    plus six fp32 latents for the sampler. Attention is O(S) (memory-efficient kernels).
     """
-    return tokens.total * (6 * cfg.dim + 3 * cfg.ffn_hidden) * DTYPE_BYTES[compute]
+    block = tokens.total * (8 * cfg.dim + 3 * cfg.ffn_hidden) * DTYPE_BYTES[compute]
+    latents = 6 * cfg.in_channels * 4 * tokens.image * 4  # (H/8)(W/8) = 4 x image tokens, fp32
+    return int(block * 1.25) + latents
+
+
+def quant_workspace_bytes(cfg, tokens: TokenCounts, quant: str | None, compute: str) -> int:
+    """Temporaries of a quantized linear beyond ``activation_bytes`` (measured to matter on CUDA).
+
+    W8A8: the int8 codes of the input and the int32 accumulator plus its fp32 rescale of the
+    widest output (ffn_hidden wide). Weight-only schemes: the widest weight dequantized (fp32,
+    then the compute dtype).
+    """
+    if quant is None:
+        return 0
+    if quant == "w8a8":
+        return tokens.total * cfg.ffn_hidden * (1 + 4 + 4)
+    return cfg.dim * cfg.ffn_hidden * (4 + DTYPE_BYTES[compute])

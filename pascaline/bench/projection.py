@@ -107,6 +107,7 @@ def _placement(cfg, tokens, storage: str, dtype: str, budget: int, streamed: boo
     ]
     other = counters.other_params(cfg) * counters.DTYPE_BYTES[dtype]
     activations = counters.activation_bytes(cfg, tokens, dtype)
+    activations += counters.quant_workspace_bytes(cfg, tokens, None if storage == dtype else storage, dtype)
     if not streamed:
         return other + activations + sum(b for _, b in units) <= budget, 0
     try:

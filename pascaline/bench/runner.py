@@ -164,11 +164,19 @@ def _tokens(ctx: BenchContext) -> counters.TokenCounts:
     return counters.token_counts(ctx.cfg, ctx.resolution, ctx.resolution, ctx.caption_tokens)
 
 
-def tight_budget(model, ctx: BenchContext) -> int:
+def _activations(ctx: BenchContext, quant: str | None) -> int:
+    compute = _dtype_name(ctx.dit_dtype)
+    tokens = _tokens(ctx)
+    return counters.activation_bytes(ctx.cfg, tokens, compute) + counters.quant_workspace_bytes(
+        ctx.cfg, tokens, quant, compute
+    )
+
+
+def tight_budget(model, ctx: BenchContext, quant: str | None = None) -> int:
     """The smallest budget that streams every block through two slots: an 8 GB card's regime."""
     from pascaline.offload.plan import other_nbytes, unit_sizes
 
-    activations = counters.activation_bytes(ctx.cfg, _tokens(ctx), _dtype_name(ctx.dit_dtype))
+    activations = _activations(ctx, quant)
     return other_nbytes(model) + activations + 2 * max(b for _, b in unit_sizes(model)) + (1 << 20)
 
 
@@ -178,15 +186,15 @@ def _model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for *_, t in module_tensors(model))
 
 
-def _placed(model, placement: str, ctx: BenchContext):
+def _placed(model, placement: str, quant: str | None, ctx: BenchContext):
     """Put ``model`` on the device as ``placement`` says; returns (streamer or None, budget)."""
     if placement == "resident":
         model.to(ctx.device)
         return None, None
     from pascaline.offload.streamer import BlockStreamer
 
-    budget = ctx.vram_budget or tight_budget(model, ctx)
-    activations = counters.activation_bytes(ctx.cfg, _tokens(ctx), _dtype_name(ctx.dit_dtype))
+    budget = ctx.vram_budget or tight_budget(model, ctx, quant)
+    activations = _activations(ctx, quant)
     streamer = BlockStreamer(model, budget, ctx.device, activation_bytes=activations, prefetch=1)
     return streamer.attach_(), budget
 
@@ -207,7 +215,7 @@ def measure(model, name: str, ctx: BenchContext, progress=None) -> tuple[dict, t
     def fwd() -> None:
         last[:] = [model(x, t, caps)]
 
-    streamer, budget = _placed(model, placement, ctx)
+    streamer, budget = _placed(model, placement, quant, ctx)
     try:
         with torch.inference_mode(), PeakRss() as rss, PeakVram(ctx.device) as vram:
             warm_up(fwd, ctx.warmup, ctx.device, progress)
@@ -229,6 +237,8 @@ def measure(model, name: str, ctx: BenchContext, progress=None) -> tuple[dict, t
 
 def _row(name, quant, ctx, samples, per_block, rss_peak, vram_peak, budget, stream, model) -> dict:
     stats = Stats.of(samples)
+    if stream is not None and stream.h2d_gbps:
+        per_block = _copy_bound(model, per_block, stream.h2d_gbps)
     full, label = _full_depth(ctx, stats.median, per_block)
     cuda = ctx.device.type == "cuda"
     own_peak = _model_bytes(model) if stream is None else stream.peak_device_bytes
@@ -250,6 +260,20 @@ def _row(name, quant, ctx, samples, per_block, rss_peak, vram_peak, budget, stre
         "h2d_gbps": None if stream is None or not cuda else stream.h2d_gbps,
         "overlap": None if stream is None or not cuda else stream.hidden_copy_share,
     }
+
+
+def _copy_bound(model, per_block: dict[str, float], gbps: float) -> dict[str, float]:
+    """Per-block times of a streamed run: a block costs at least its copy at the measured rate.
+
+    The hooked iteration synchronizes before each block, so its copy is not in the block's
+    time; at full depth the copies, not the compute, can set the pace.
+    """
+    from pascaline.offload.plan import unit_sizes
+
+    sizes: dict[str, list[int]] = {}
+    for name, nbytes in unit_sizes(model):
+        sizes.setdefault(name.rsplit(".", 1)[0], []).append(nbytes)
+    return {k: max(t, sum(sizes[k]) / len(sizes[k]) / (gbps * 1e9)) for k, t in per_block.items()}
 
 
 def _build(ctx: BenchContext, quant: str | None):

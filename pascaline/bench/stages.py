@@ -35,7 +35,7 @@ def _encoder_stage(ledger, ctx) -> torch.Tensor:
         with torch.inference_mode():
             hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
         record.keep(hidden)
-        del model
+        del model, ids
         gc.collect()
     return hidden  # [L, 2560]
 
@@ -48,7 +48,7 @@ def _dit_stage(ledger, ctx, caption: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             latent = model(x, t, [caption.to(ctx.dit_dtype)])
         record.keep(latent)
-        del model
+        del model, x, t, _
         gc.collect()
     return latent  # [1, 16, R/8, R/8]
 
