@@ -203,8 +203,8 @@ def emulate_card(args, device: torch.device) -> tuple[int, int | None]:
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
     caps = DeviceCaps.probe(args.device)
+    device = torch.device(caps.device)  # "cuda" -> "cuda:0": the memory calls want an index
     real_total = caps.total_vram_bytes
     card, budget = emulate_card(args, device)
     report = {
