@@ -138,7 +138,7 @@ def test_strategy_names_and_cpu_defaults():
         parse_strategy("teleported")
     cpu = DeviceCaps.preset("cpu")
     quick, default = resolve(BenchOptions(quick=True), cpu), resolve(BenchOptions(), cpu)
-    assert (quick.resolution, quick.cfg.n_layers, quick.cfg.dim) == (256, 1, 3840)
+    assert (quick.resolution, quick.cfg.n_layers, quick.cfg.dim) == (128, 1, 3840)
     assert (default.resolution, default.cfg.n_layers) == (512, 1)
     assert default.strategies == ("resident", "streamed")
     full = resolve(BenchOptions(depth="full"), cpu).cfg
@@ -163,7 +163,7 @@ def test_bench_quick_writes_the_json_report(tmp_path):
     assert set(report["device"]) >= {"name", "capability", "total_vram_bytes"}
     cfg = report["config"]
     assert cfg["depth_measured"] == {"layers": 1, "noise_refiner": 1, "context_refiner": 1}
-    assert (cfg["resolution"], cfg["caption_tokens"], cfg["iterations"]) == (256, 64, 2)
+    assert (cfg["resolution"], cfg["caption_tokens"], cfg["iterations"]) == (128, 64, 2)
     rows = {r["strategy"]: r for r in report["results"]}
     assert set(rows) == {"resident", "streamed"}
     for r in rows.values():

@@ -13,7 +13,7 @@ import importlib.util
 
 import torch
 
-from pascaline.bench.timing import PeakRss, PeakVram, Stats, block_times, synchronize, time_iterations
+from pascaline.bench.timing import PeakRss, PeakVram, Stats, synchronize, timed_with_blocks, warm_up
 
 
 def diffusers_version() -> str | None:
@@ -77,9 +77,11 @@ def run_diffusers(
         last[:] = [_forward(ref, x, t, caps)]
 
     with torch.inference_mode(), PeakRss() as rss, PeakVram(device) as vram:
-        samples = time_iterations(fwd, warmup=warmup, iterations=iterations, device=device, progress=progress)
+        warm_up(fwd, warmup, device, progress)
+        samples, per_block = timed_with_blocks(
+            ref, fwd, iterations=iterations, device=device, progress=progress
+        )
         output = last[0].float().cpu()
-        per_block = block_times(ref, fwd, device)
     synchronize(device)
     figures = {
         "strategy": strategy,

@@ -24,9 +24,8 @@ from pascaline.bench.timing import (
     PeakRss,
     PeakVram,
     Stats,
-    block_times,
     extrapolate,
-    time_iterations,
+    timed_with_blocks,
     warm_up,
 )
 from pascaline.errors import InvalidArgumentError
@@ -40,7 +39,7 @@ PLACEMENTS = ("resident", "streamed")
 # block at 512² costs ~0.4 TFLOP, ~6 s at the ~65 GFLOP/s fp32 such a CPU sustains.
 DEFAULTS = {
     ("cpu", False): (512, 1, 1, 2, ("resident", "streamed")),
-    ("cpu", True): (256, 1, 1, 2, ("resident", "streamed")),
+    ("cpu", True): (128, 1, 1, 2, ("resident", "streamed")),
     ("cuda", False): (1024, 4, 2, 5, ("all",)),
     ("cuda", True): (1024, 2, 1, 3, ("resident", "streamed", "resident-w8a8", "streamed-w8a8")),
 }
@@ -221,12 +220,13 @@ def measure(model, name: str, ctx: BenchContext, progress=None) -> tuple[dict, t
             warm_up(fwd, ctx.warmup, ctx.device, progress)
             if streamer is not None:
                 streamer.reset_stats()
-            samples = time_iterations(
-                fwd, warmup=0, iterations=ctx.iterations, device=ctx.device, progress=progress
-            )
-            stream = streamer.stats if streamer is not None else None
+            timed: list = [None]  # the streamer's figures over the timed iterations only
+            samples, per_block = timed_with_blocks(
+                model, fwd, iterations=ctx.iterations, device=ctx.device, progress=progress,
+                on_timed=None if streamer is None else lambda: timed.__setitem__(0, streamer.stats),
+            )  # fmt: skip
+            stream = timed[0]
             output = last[0].float().cpu()
-            per_block = block_times(model, fwd, ctx.device)
     finally:
         if streamer is not None:
             streamer.detach_()

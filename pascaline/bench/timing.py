@@ -1,10 +1,10 @@
 """Timers: warm-up then N timed iterations, per-block times, peak host RSS and peak VRAM.
 
 Every timed interval ends with a device synchronize on CUDA, so a figure is the time the
-work took, not the time its launch took. Per-block times come from one extra iteration
-with forward hooks (a synchronize per block would hide streaming overlap, so they are
-never taken during the timed iterations) and turn a reduced-depth s/it into a full-depth
-one, labelled as extrapolated.
+work took, not the time its launch took. Per-block times come from forward hooks: inside
+the timed iterations on the CPU, from one extra iteration on CUDA (a synchronize per block
+would hide streaming overlap there). They turn a reduced-depth s/it into a full-depth one,
+labelled as extrapolated.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,16 +82,16 @@ def time_iterations(
     return samples
 
 
-def block_times(
-    model: torch.nn.Module,
-    fn: Callable[[], object],
-    device: torch.device | str,
-    kinds: tuple[str, ...] = ("noise_refiner", "context_refiner", "layers"),
-) -> dict[str, float]:
-    """Mean seconds per block of each ModuleList named in ``kinds``, from one hooked call of ``fn``."""
+BLOCK_KINDS = ("noise_refiner", "context_refiner", "layers")
+
+
+@contextmanager
+def hooked_block_times(
+    model: torch.nn.Module, device: torch.device | str, kinds: tuple[str, ...] = BLOCK_KINDS
+) -> Iterator[dict[str, list[float]]]:
+    """Record the seconds of every block call of the ModuleLists in ``kinds`` while open."""
     starts: dict[int, float] = {}
-    spent: dict[str, list[float]] = {}
-    handles = []
+    spent: dict[str, list[float]] = {kind: [] for kind in kinds}
 
     def before(module, args):
         synchronize(device)
@@ -99,20 +100,54 @@ def block_times(
     def after_for(kind: str):
         def after(module, args, output):
             synchronize(device)
-            spent.setdefault(kind, []).append(time.perf_counter() - starts.pop(id(module)))
+            spent[kind].append(time.perf_counter() - starts.pop(id(module)))
 
         return after
 
+    handles = []
     for kind in kinds:
         for block in getattr(model, kind):
             handles.append(block.register_forward_pre_hook(before))
             handles.append(block.register_forward_hook(after_for(kind)))
     try:
-        fn()
+        yield spent
     finally:
         for handle in handles:
             handle.remove()
-    return {kind: statistics.fmean(v) for kind, v in spent.items()}
+
+
+def mean_times(spent: dict[str, list[float]]) -> dict[str, float]:
+    return {kind: statistics.fmean(v) for kind, v in spent.items() if v}
+
+
+def timed_with_blocks(
+    model: torch.nn.Module,
+    fn: Callable[[], object],
+    *,
+    iterations: int,
+    device: torch.device | str,
+    progress=None,
+    kinds: tuple[str, ...] = BLOCK_KINDS,
+    on_timed: Callable[[], object] | None = None,
+) -> tuple[list[float], dict[str, float]]:
+    """Timed iterations and mean per-block seconds.
+
+    On the CPU the blocks are timed inside the timed iterations (a synchronize is free there);
+    on CUDA a synchronize per block would hide copy/compute overlap, so one extra hooked
+    iteration is run after the timed ones. ``on_timed`` runs right after the timed iterations.
+    """
+    if torch.device(device).type == "cpu":
+        with hooked_block_times(model, device, kinds) as spent:
+            samples = time_iterations(fn, warmup=0, iterations=iterations, device=device, progress=progress)
+        if on_timed is not None:
+            on_timed()
+        return samples, mean_times(spent)
+    samples = time_iterations(fn, warmup=0, iterations=iterations, device=device, progress=progress)
+    if on_timed is not None:
+        on_timed()
+    with hooked_block_times(model, device, kinds) as spent:
+        fn()
+    return samples, mean_times(spent)
 
 
 def extrapolate(
