@@ -165,6 +165,8 @@ def format_table(report: dict) -> str:
         if report["results"] and report["results"][0]["full_depth_label"] == "extrapolated"
         else ""
     )
+    if report["results"] and report["results"][0]["peak_vram_kind"] == "own-accounted":
+        lines.append("peak VRAM on the CPU: the bytes our code placed on the compute device (own accounting)")
     if report["baseline"]["note"]:
         lines.append(f"baseline: {report['baseline']['note']}")
     if report["stages"]:
