@@ -72,6 +72,12 @@ def test_not_safetensors(tmp_path):
     text.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00hello world, hi!")
     with pytest.raises(NotSafetensorsError):
         WeightSource(text)
+    # Text whose first 8 bytes read as a huge-but-allowed header length is another format,
+    # not a truncated safetensors file.
+    prose = tmp_path / "readme.safetensors"
+    prose.write_bytes(b"\x00\x00\x10\x00\x00\x00\x00\x00 this is not JSON")
+    with pytest.raises(NotSafetensorsError, match="readme.safetensors"):
+        read_header(prose)
 
 
 @pytest.mark.parametrize(("shapes", "kind"), [

@@ -65,8 +65,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if len(head) < 8:
             raise NotSafetensorsError(f"{path} is not a safetensors file ({size} bytes, too short).")
         (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER:
+        # A safetensors header is JSON, so its first byte is "{": anything else (a pickle, a
+        # text file, a GGUF) is another format, whatever its first 8 bytes decode to.
+        if n > _MAX_HEADER or f.read(1) not in (b"{", b""):
             raise NotSafetensorsError(_not_st(path))
+        f.seek(8)
         if 8 + n > size:
             raise TruncatedFileError(
                 f"{path} is truncated: its header declares {8 + n} bytes of header but the file "
