@@ -36,6 +36,7 @@ from pascaline.quant.schemes import OWN_SCHEMES, file_metadata, read_file_metada
 _TAGS = {dtype: tag for tag, dtype in DTYPES.items()}
 _LONGEST_TAG = max(_TAGS.values(), key=len)
 Tensors = Iterator[tuple[str, torch.Tensor]]
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ def _check_complete(expected: dict[str, torch.Tensor], written: dict[str, dict],
         raise StateDictError(f"{source} does not match the model it looks like ({'; '.join(parts)}).")
 
 
-def _write_stream(f, model: nn.Module, tensors: Tensors, metadata: dict[str, str], source: Path) -> int:
+def _write_stream(f, model: nn.Module, tensors: Tensors, metadata: dict[str, str], source: Path,
+                  progress: Progress | None = None) -> int:
     expected = model.state_dict()
     reserved = _reserve_header(expected, metadata)
     f.seek(8 + reserved)
@@ -168,6 +170,8 @@ def _write_stream(f, model: nn.Module, tensors: Tensors, metadata: dict[str, str
         entries[key] = {"dtype": _TAGS[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + data.nbytes]}
         offset += data.nbytes
+        if progress is not None:
+            progress(min(len(entries), len(expected)), len(expected))
     _check_complete(expected, entries, source)
     header = _header_bytes(entries, metadata)
     f.seek(0)
@@ -187,12 +191,13 @@ def _target(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_file(src, dst, scheme) -> QuantizeResult:
+def quantize_file(src, dst, scheme, progress: Progress | None = None) -> QuantizeResult:
     """Write ``src`` (a Z-Image DiT or Qwen3 encoder) quantized under ``scheme`` to ``dst``.
 
     ``scheme``: ``Int8WeightOnly()``, ``Int8Dynamic()``, ``Fp8WeightOnly(...)`` or a name
-    (``"int8" | "w8a8" | "fp8-e4m3" | "fp8-e5m2"``). A bad or unsupported source raises a
-    ``PascalineError`` and leaves no output file.
+    (``"int8" | "w8a8" | "fp8-e4m3" | "fp8-e5m2"``). ``progress(done, total)`` is called after
+    each tensor written, ``total`` being the number of tensors the output holds. A bad or
+    unsupported source raises a ``PascalineError`` and leaves no output file.
     """
     src = Path(src).expanduser()
     scheme = scheme_from_name(scheme) if isinstance(scheme, str) else scheme
@@ -203,13 +208,14 @@ def quantize_file(src, dst, scheme) -> QuantizeResult:
     dst = _target(src, dst)
     kind = _kind_of(src)
     source, model, tensors = _FAMILIES[kind](src)
-    quantize_(model, scheme)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
-    try:
-        with source, tmp.open("wb") as f:
-            count = _write_stream(f, model, tensors(), file_metadata(kind, scheme), src)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with source:
+        quantize_(model, scheme)
+        try:
+            with tmp.open("wb") as f:
+                count = _write_stream(f, model, tensors(), file_metadata(kind, scheme), src, progress)
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return QuantizeResult(dst, kind, scheme.name, count, source.nbytes, dst.stat().st_size)
