@@ -12,6 +12,30 @@ import sys
 
 from pascaline.errors import PascalineError
 
+# --- info ----------------------------------------------------------------------------------
+
+INFO_SIZE = 1024  # the image side of the placement line: Z-Image Turbo's native resolution
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser(
+        "info",
+        help="show versions, the GPU and what pascaline would do on it",
+        description="Show versions, the device's capabilities and quirks, the policies pascaline "
+        f"applies there (compute dtypes, default quantization, attention, VRAM budget) and, on a CUDA "
+        f"card, how the DiT is placed at {INFO_SIZE}x{INFO_SIZE} under the default budget. "
+        "No weights are read.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    where.add_argument(
+        "--card",
+        metavar="NAME",
+        help="a card this machine need not have: gtx1070, gtx1080, gtx1660, gtx1660ti, rtx2060, "
+        "rtx2070, t4, rtx3060, h100 or cpu (kernels are checked against the installed torch)",
+    )
+    p.set_defaults(func=_cmd_info)
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import platform
@@ -19,7 +43,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import pascaline
+    from pascaline.runtime.device import DeviceCaps
 
+    # a preset is checked first, so a misspelt name fails before anything is printed
+    caps = _preset_caps(args.card) if args.card else None
     print(f"pascaline {pascaline.__version__}")
     print(f"python    {platform.python_version()} ({platform.system()} {platform.machine()})")
     print(f"torch     {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")
@@ -29,12 +56,136 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"cuda:{i}    {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB")
     else:
         print("cuda      not available (CPU only)")
+    caps = caps or DeviceCaps.probe(args.device)
+    print()
+    for line in (*_caps_lines(caps, preset=bool(args.card)), *_policy_lines(caps)):
+        print(line)
     return 0
+
+
+def _preset_caps(name: str):
+    """A preset card, with ``torch_has_kernels`` answered for the installed torch when it can be."""
+    from dataclasses import replace
+
+    from pascaline.runtime.device import DeviceCaps, arch_supported
+
+    platform = DeviceCaps.probe("cpu").platform  # this machine's: the budget headroom depends on it
+    caps = DeviceCaps.preset(name, platform=platform)
+    arch_list = _torch_arch_list()
+    if not caps.is_cuda or arch_list is None:
+        return caps
+    return replace(caps, torch_has_kernels=arch_supported(caps.capability, arch_list))
+
+
+def _torch_arch_list() -> list[str] | None:
+    """The CUDA archs the installed torch was built for; None when it cannot be told."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_arch_list()
+    if torch.version.cuda is None:
+        return []  # a CPU-only build has kernels for no card
+    # get_arch_list() answers [] whenever no GPU is visible, even on a CUDA build
+    flags = getattr(torch._C, "_cuda_getArchFlags", None)
+    return flags().split() if flags is not None else None
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _caps_lines(caps, preset: bool) -> list[str]:
+    from pascaline.errors import DeviceError
+    from pascaline.runtime.device import check_torch_supports, format_bytes
+
+    if not caps.is_cuda:
+        return [f"device    {caps.name} (CPU), {format_bytes(caps.total_vram_bytes)} RAM"]
+    lines = [
+        f"device    {caps.name}{' (preset)' if preset else ''}: {caps.sm}, "
+        f"{format_bytes(caps.total_vram_bytes)} VRAM, {caps.platform}",
+        f"          int8 path {caps.int8_path}, native bf16 {_yes(caps.native_bf16)}, "
+        f"fp16 tensor cores {_yes(caps.fp16_tensor_cores)}, "
+        f"installed torch has kernels {_yes(caps.torch_has_kernels)}",
+    ]
+    try:
+        check_torch_supports(caps)
+    except DeviceError as exc:
+        lines.append(f"          {exc}")
+    quirks = [f"{q.key}: {q.reason}" for q in caps.quirks] or ["none"]
+    return [*lines, f"quirks    {quirks[0]}", *(f"          {q}" for q in quirks[1:])]
+
+
+def _policy_lines(caps) -> list[str]:
+    from pascaline.runtime.device import (
+        attention_backend,
+        compute_dtype,
+        default_budget,
+        default_quant,
+        format_bytes,
+    )
+
+    names = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+    dtypes = {c: names[str(compute_dtype(caps, c)).removeprefix("torch.")] for c in ("dit", "encoder", "vae")}
+    quant, budget = default_quant(caps), default_budget(caps)
+    if budget is None:
+        budget_text = "none (no VRAM limit on the CPU)"
+    else:
+        headroom = caps.total_vram_bytes - budget
+        budget_text = (
+            f"{format_bytes(budget)} ({format_bytes(caps.total_vram_bytes)} minus "
+            f"{format_bytes(headroom)} for the desktop and the CUDA context)"
+        )
+    lines = [
+        f"compute   DiT {dtypes['dit']}, text encoder {dtypes['encoder']}, VAE {dtypes['vae']}",
+        f"quant     {quant or 'none'} (what --quant auto picks)",
+        f"attention {attention_backend(caps)}",
+        f"budget    {budget_text}",
+    ]
+    if caps.is_cuda:
+        lines.append(_dit_placement(compute_dtype(caps, "dit"), quant, budget))
+    return lines
+
+
+def _dit_placement(dtype, quant: str | None, budget: int) -> str:
+    """How ``generate`` places the real DiT at INFO_SIZE² under ``budget``, planned on ``meta``."""
+    import torch
+
+    from pascaline.bench.synthetic import CAPTION_TOKENS
+    from pascaline.errors import BudgetError
+    from pascaline.models.zimage_dit import VARIANTS, ZImageDiT
+    from pascaline.offload.plan import plan_for_model
+    from pascaline.quant import quantize_, scheme_from_name
+    from pascaline.runtime.device import format_bytes
+    from pascaline.runtime.pipeline import dit_activation_bytes
+
+    cfg = VARIANTS["z-image-turbo"]
+    with torch.device("meta"):
+        model = ZImageDiT(cfg).to(dtype)
+    if quant is not None:
+        quantize_(model, scheme_from_name(quant))
+    # the pipeline's own estimate and planner, with the bench's 64-token prompt
+    act = dit_activation_bytes(cfg, INFO_SIZE, INFO_SIZE, CAPTION_TOKENS, dtype)
+    head = f"DiT at {INFO_SIZE}x{INFO_SIZE} ({quant or 'unquantized'}) under {format_bytes(budget)}"
+    try:
+        plan = plan_for_model(model, budget, act)
+    except BudgetError as exc:
+        return f"{head}: does not fit. {exc}"
+    slots = f", {plan.slots} slots of {format_bytes(plan.slot_bytes)}" if plan.streamed else ""
+    return (
+        f"{head}: {len(plan.resident)} of {len(plan.units)} blocks resident, {len(plan.streamed)} "
+        f"streamed{slots}, expected peak {format_bytes(plan.expected_peak_bytes)}"
+    )
 
 
 # --- generate ------------------------------------------------------------------------------
 
-_PHASES = {"load": "loading models", "encode": "encoding prompt", "steps": "sampling", "decode": "decoding"}
+_PHASES = {
+    "load": "loading models",
+    "encode": "encoding prompt",
+    "steps": "sampling",
+    "decode": "decoding",
+    "quantize": "quantizing",
+}
 
 
 def _add_generate(sub) -> None:
@@ -226,6 +377,84 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quantize --------------------------------------------------------------------------------
+
+QUANTIZE_SCHEMES = ("int8", "w8a8", "fp8-e4m3", "fp8-e5m2")
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="write a pre-quantized DiT or text encoder file",
+        description="Quantize a Z-Image DiT or the Qwen3 text encoder (bf16, fp32 or fp8; a file, a "
+        "diffusers folder, or a snapshot root, which stands for its DiT) into one safetensors file "
+        "that generate --dit / --text-encoder load without quantizing again. The scheme is recorded "
+        "in the file's metadata, not in its name.",
+    )
+    p.add_argument("source", metavar="SRC", help="the DiT or text encoder file or folder")
+    p.add_argument(
+        "--scheme",
+        choices=QUANTIZE_SCHEMES,
+        default="int8",
+        help="int8 (default) and w8a8 write the same int8 weights per output channel and record "
+        "how they compute where a run asks for no scheme (weights dequantized, or int8 activations "
+        "too); with --quant auto, GeForce Pascal and Turing cards run w8a8 either way (see pascaline info). "
+        "fp8-e4m3 and fp8-e5m2 store float8 weights, widened for compute; run such a file with the "
+        "same --quant",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DST",
+        help="output file (default: <name>_<scheme>.safetensors next to SRC, <name> being the file's "
+        "name without its extension, or the folder's name for a folder)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _default_out(src, scheme: str):
+    """Where ``pascaline quantize`` writes by default: beside the source file or folder."""
+    from pathlib import Path
+
+    src = Path(src).expanduser()
+    if src.is_dir():
+        folder = src.resolve()  # "." and "snapshot/" have a name once resolved
+        return folder.parent / f"{folder.name}_{scheme}.safetensors"
+    return src.with_name(f"{src.stem}_{scheme}.safetensors")
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import time
+    from functools import partial
+    from pathlib import Path
+
+    from pascaline.errors import InvalidArgumentError, MissingFileError
+    from pascaline.quant.files import quantize_file
+    from pascaline.runtime.device import format_bytes
+
+    start = time.perf_counter()
+    src = Path(args.source).expanduser()
+    if not src.exists():
+        raise MissingFileError(f"{src} does not exist.")
+    dst = Path(args.out).expanduser() if args.out else _default_out(src, args.scheme)
+    # the output being the source itself is quantize_file's to refuse, with its own sentence
+    if dst.is_file() and not args.overwrite and dst.resolve() != src.resolve():
+        raise InvalidArgumentError(
+            f"{dst} already exists; pass --overwrite to replace it, or choose another --out."
+        )
+    bars = _ProgressBars()
+    try:
+        result = quantize_file(src, dst, args.scheme, progress=partial(bars, "quantize"))
+    finally:
+        bars.close()
+    print(
+        f"{result.path}  {result.model}, {result.scheme}, {result.tensors} tensors, "
+        f"{format_bytes(result.source_bytes)} -> {format_bytes(result.output_bytes)}, "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pascaline",
@@ -233,10 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("info", help="show versions, the GPU and what pascaline would do on it")
-    p.set_defaults(func=_cmd_info)
+    _add_info(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_quantize(sub)
     return parser
 
 
