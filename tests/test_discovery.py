@@ -1,10 +1,9 @@
-import json
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from pascaline.errors import MissingFileError, WrongModelError
+from pascaline.quant.schemes import file_metadata, scheme_from_name
 from pascaline.runtime.discovery import find_model_files, inspect_weights
 
 DIT = {"cap_embedder.1.weight": (8, 4), "layers.0.attention.qkv.weight": (24, 8)}
@@ -46,12 +45,18 @@ def test_picks_by_content_not_name(tmp_path):
     assert files.dit.name == "z_image_turbo_bf16.safetensors"
 
 
-def test_prequantized_preferred_when_quantizing(tmp_path):
+def test_prequantized_preferred_when_its_storage_fits(tmp_path):
     root = _comfy(tmp_path)
-    meta = {"pascaline": json.dumps({"format_version": 1, "model": "zimage-dit", "scheme": {}})}
-    _write(root / "diffusion_models" / "zz_int8.safetensors", DIT, torch.bfloat16, meta)
+    int8 = file_metadata("zimage-dit", scheme_from_name("int8"))
+    _write(root / "diffusion_models" / "zz_int8.safetensors", DIT, torch.bfloat16, int8)
     assert find_model_files(root, quant="int8").dit.name == "zz_int8.safetensors"
+    assert find_model_files(root, quant="w8a8").dit.name == "zz_int8.safetensors"  # same int8 storage
     assert find_model_files(root, quant="none").dit.name == "z_image_turbo_bf16.safetensors"
+    # An fp8 run quantizes the bf16 original rather than requantizing int8 codes.
+    assert find_model_files(root, quant="fp8-e4m3").dit.name == "z_image_turbo_bf16.safetensors"
+    fp8 = file_metadata("zimage-dit", scheme_from_name("fp8-e4m3"))
+    _write(root / "diffusion_models" / "zz_fp8.safetensors", DIT, torch.bfloat16, fp8)
+    assert find_model_files(root, quant="fp8-e4m3").dit.name == "zz_fp8.safetensors"
 
 
 def test_missing_component_is_named(tmp_path):

@@ -96,6 +96,20 @@ def test_dit_from_a_sharded_diffusers_folder(dit_model, tmp_path):
                           load_dit(result.path, dtype=torch.float32).state_dict())
 
 
+def test_quantized_file_runs_only_under_a_scheme_of_its_storage(dit_bf16, tmp_path):
+    path = quantize_file(dit_bf16, tmp_path / "int8.safetensors", "int8").path
+    as_int8, as_w8a8 = load_dit(path, dtype=torch.float32), load_dit(path, dtype=torch.float32, quant="w8a8")
+    layer = as_w8a8.layers[0].attention.qkv
+    assert type(layer.scheme).__name__ == "Int8Dynamic"
+    assert torch.equal(layer.qweight, as_int8.layers[0].attention.qkv.qweight)  # the stored codes
+    for other in ("fp8-e4m3", "fp8-e5m2"):
+        with pytest.raises(InvalidArgumentError, match=f"stored quantized as int8.*not {other}"):
+            load_dit(path, quant=other)
+    fp8 = quantize_file(dit_bf16, tmp_path / "fp8.safetensors", "fp8-e4m3").path
+    with pytest.raises(InvalidArgumentError, match="runs as fp8-e4m3, not w8a8"):
+        load_dit(fp8, quant="w8a8")
+
+
 @pytest.mark.parametrize("name", ["int8", "fp8-e5m2"])
 def test_encoder_file_round_trip_is_bit_identical(name, tmp_path):
     src = save_comfy(make_qwen3(), tmp_path / "te.safetensors", dtype=torch.bfloat16)

@@ -27,6 +27,7 @@ from pascaline.models.qwen3_encoder import (
     build_encoder,
     materialize_rotary_,
 )
+from pascaline.quant.schemes import resolve_scheme
 
 # The DiT's caption RoPE table has 1536 positions (axes_lens[0]). A caption of L tokens is
 # padded to Lp = ceil(L/32)*32 and the image then sits at position Lp + 1 <= 1535, so
@@ -164,18 +165,6 @@ def _as_float_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int,
     return float_shapes(shapes)
 
 
-def _resolve_scheme(quant, metadata: Mapping[str, str]):
-    if isinstance(quant, str):
-        from pascaline.quant.schemes import scheme_from_name
-
-        return scheme_from_name(quant)
-    if quant is not None or "pascaline" not in metadata:
-        return quant
-    from pascaline.quant.schemes import scheme_from_metadata
-
-    return scheme_from_metadata(metadata)
-
-
 def load_text_encoder(
     path,
     *,
@@ -202,8 +191,9 @@ def load_text_encoder(
             )
         cfg = infer_encoder_config(_as_float_shapes(shapes))
         tok = _tokenizer_for(path, tokenizer)  # a missing tokenizer fails before the long read
+
         model = build_encoder(cfg)
-        scheme = _resolve_scheme(quant, source.metadata)
+        scheme = resolve_scheme(quant, source.metadata, str(path))
         keep: list[str] = []
         if scheme is not None:
             from pascaline.quant import keep_dtype_keys, quantize_

@@ -28,6 +28,7 @@ from pascaline.formats.detect import describe
 from pascaline.formats.materialize import load_state_
 from pascaline.formats.safetensors_io import WeightSource
 from pascaline.models.zimage_dit import VARIANTS, ZImageDiT, ZImageDiTConfig
+from pascaline.quant.schemes import resolve_scheme
 
 COMFY_PREFIX = "model.diffusion_model."
 # diffusers -> canonical substring renames; q/k/v are fused by _QKV below
@@ -219,19 +220,6 @@ def infer_dit_config(shapes: Mapping[str, tuple[int, ...]]) -> ZImageDiTConfig:
         adaln_dim=adaln, t_mid_dim=t_mid, t_freq_dim=t_freq, axes_dims=_rope_axes(head_dim))
 
 
-def _quant_scheme(quant, metadata: Mapping[str, str]):
-    """The quantization scheme: the caller's (object or name), else the file's own, else None."""
-    if isinstance(quant, str):
-        from pascaline.quant import scheme_from_name
-
-        return scheme_from_name(quant)
-    if quant is None and "pascaline" in metadata:
-        from pascaline.quant import scheme_from_metadata
-
-        return scheme_from_metadata(metadata)
-    return quant
-
-
 def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
              config: ZImageDiTConfig | str | None = None, quant=None) -> ZImageDiT:
     """Load a Z-Image DiT from a ComfyUI file, a diffusers ``transformer/`` folder or a snapshot root.
@@ -253,7 +241,7 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     cfg = VARIANTS[config] if isinstance(config, str) else config or infer_dit_config(shapes)
     with torch.device("meta"):
         model = ZImageDiT(cfg)
-    scheme = _quant_scheme(quant, source.metadata)
+    scheme = resolve_scheme(quant, source.metadata, str(source.path))
     if scheme is not None:
         from pascaline.quant import quantize_
 

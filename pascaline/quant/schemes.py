@@ -165,3 +165,31 @@ def scheme_from_metadata(metadata: Mapping[str, str]) -> Scheme | None:
     if record is None or record.get("scheme") is None:
         return None
     return scheme_from_dict(record["scheme"])
+
+
+def same_storage(a: Scheme | BackendScheme, b: Scheme | BackendScheme) -> bool:
+    """Whether two schemes store weights identically (int8 and W8A8 differ only in the matmul)."""
+    ints = (Int8WeightOnly, Int8Dynamic)
+    return a == b or (isinstance(a, ints) and isinstance(b, ints))
+
+
+def resolve_scheme(
+    quant, metadata: Mapping[str, str], source: str = "the file"
+) -> Scheme | BackendScheme | None:
+    """The scheme a loader builds with: the caller's (a scheme or its name), else the file's own.
+
+    A pascaline-quantized file runs under its own scheme or one with the same storage
+    (an int8 file as ``w8a8``); any other request is refused, since requantizing stored
+    codes would silently compound the two roundings.
+    """
+    asked = scheme_from_name(quant) if isinstance(quant, str) else quant
+    stored = scheme_from_metadata(metadata)
+    if stored is None or asked is None:
+        return stored if asked is None else asked
+    if not same_storage(asked, stored):
+        runs = "int8 or w8a8" if isinstance(stored, (Int8WeightOnly, Int8Dynamic)) else stored.name
+        raise InvalidArgumentError(
+            f"{source} is stored quantized as {stored.name} and runs as {runs}, not {asked.name}; "
+            f"use the original bf16 file for {asked.name}."
+        )
+    return asked

@@ -15,6 +15,7 @@ from pathlib import Path
 from pascaline.errors import MissingFileError, PascalineError, WrongModelError
 from pascaline.formats.detect import KIND_NAMES, guess_kind
 from pascaline.formats.safetensors_io import WeightSource
+from pascaline.quant.schemes import Scheme, same_storage, scheme_from_metadata, scheme_from_name
 
 # component -> (kind that fits it, ComfyUI sub-folders to search, diffusers sub-folder)
 COMPONENTS = {
@@ -41,7 +42,7 @@ class Candidate:
     path: Path
     kind: str
     dtype: str
-    quantized: bool
+    scheme: Scheme | None  # a pascaline-quantized file's own scheme
 
 
 def inspect_weights(path: Path) -> Candidate:
@@ -53,7 +54,7 @@ def inspect_weights(path: Path) -> Candidate:
         name = str(src.info(key).dtype).removeprefix("torch.")
         dtypes[name] = dtypes.get(name, 0) + src.info(key).nbytes
     main_dtype = max(dtypes, key=dtypes.get) if dtypes else "unknown"
-    return Candidate(Path(path), guess_kind(shapes), main_dtype, "pascaline" in src.metadata)
+    return Candidate(Path(path), guess_kind(shapes), main_dtype, scheme_from_metadata(src.metadata))
 
 
 def is_diffusers_snapshot(root: Path) -> bool:
@@ -62,12 +63,13 @@ def is_diffusers_snapshot(root: Path) -> bool:
 
 
 def _preference(c: Candidate, quant: str | None) -> tuple:
-    # A pascaline pre-quantized file fits best when a quantized run is asked for; then the
-    # widest float storage (requantizing fp8 loses more than quantizing bf16).
+    # A pascaline pre-quantized file fits best when a run with the same storage is asked
+    # for (int8 and w8a8 share theirs); then the widest float storage (requantizing fp8
+    # loses more than quantizing bf16); a quantized file of another scheme comes last.
     order = {"bfloat16": 0, "float16": 1, "float32": 2, "float8_e4m3fn": 3, "float8_e5m2": 4}
-    wants_quant = quant not in (None, "none", "auto")
-    return (not (c.quantized and wants_quant), c.quantized and not wants_quant,
-            order.get(c.dtype, 9), str(c.path))
+    wants = scheme_from_name(quant) if quant not in (None, "none", "auto") else None
+    fits = c.scheme is not None and wants is not None and same_storage(wants, c.scheme)
+    return (not fits, c.scheme is not None, order.get(c.dtype, 9), str(c.path))
 
 
 def _search(root: Path, component: str, quant: str | None) -> Path:
