@@ -110,6 +110,21 @@ def test_quantized_file_runs_only_under_a_scheme_of_its_storage(dit_bf16, tmp_pa
         load_dit(fp8, quant="w8a8")
 
 
+def test_pipeline_runs_a_prequantized_file_as_itself_unless_asked_otherwise(dit_bf16, tmp_path):
+    from pascaline.runtime.pipeline import component_quant
+
+    int8 = quantize_file(dit_bf16, tmp_path / "int8.safetensors", "int8").path
+    fp8 = quantize_file(dit_bf16, tmp_path / "fp8.safetensors", "fp8-e5m2").path
+    assert component_quant(dit_bf16, "w8a8", auto=True) == "w8a8"  # a float file takes what is asked
+    assert component_quant(dit_bf16, None, auto=False) is None
+    assert component_quant(int8, None, auto=False) == "int8"
+    assert component_quant(int8, "w8a8", auto=True) == "w8a8"  # same storage: the card's matmul
+    assert component_quant(fp8, "w8a8", auto=True) == "fp8-e5m2"  # auto yields to the file
+    assert component_quant(fp8, "w8a8", auto=False) == "w8a8"  # explicit: the loader refuses it
+    with pytest.raises(InvalidArgumentError, match="runs as fp8-e5m2, not w8a8"):
+        load_dit(fp8, quant=component_quant(fp8, "w8a8", auto=False))
+
+
 @pytest.mark.parametrize("name", ["int8", "fp8-e5m2"])
 def test_encoder_file_round_trip_is_bit_identical(name, tmp_path):
     src = save_comfy(make_qwen3(), tmp_path / "te.safetensors", dtype=torch.bfloat16)

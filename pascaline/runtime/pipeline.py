@@ -199,6 +199,25 @@ def resolve_quant(quant: str | None, caps: DeviceCaps) -> str | None:
     return quant
 
 
+def component_quant(path: Path, quant: str | None, auto: bool) -> str | None:
+    """The scheme a component file is loaded with.
+
+    A pascaline pre-quantized file runs as itself when no scheme was asked for, or when
+    ``"auto"`` asked for one of another storage (an fp8 file on a card whose policy is
+    w8a8); an explicit request of another storage is refused by the loader.
+    """
+    from pascaline.formats.safetensors_io import WeightSource
+    from pascaline.quant.schemes import same_storage, scheme_from_metadata, scheme_from_name
+
+    with WeightSource(path) as source:
+        stored = scheme_from_metadata(source.metadata)
+    if stored is None:
+        return quant
+    if quant is None or (auto and not same_storage(scheme_from_name(quant), stored)):
+        return stored.name
+    return quant
+
+
 def _dtypes(caps: DeviceCaps, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     from pascaline.runtime.device import compute_dtype
 
@@ -271,12 +290,14 @@ class Pipeline:
         quant: str | None,
         dtypes: dict[str, torch.dtype],
         keep_loaded: bool,
+        quant_is_auto: bool = False,
         tokenizer,
         progress: Progress | None = None,
         prefetch: int = 1,
     ):
         self.files, self.caps, self.budget_bytes = files, caps, budget_bytes
         self.quant, self.dtypes, self.keep_loaded = quant, dtypes, keep_loaded
+        self.quant_is_auto = quant_is_auto
         self.tokenizer, self.progress, self.prefetch = tokenizer, progress, prefetch
         self.device = torch.device(caps.device)
         self.last_report: GenerationReport | None = None
@@ -371,18 +392,8 @@ class Pipeline:
 
     @property
     def quant_label(self) -> str:
-        """The scheme the DiT runs with: the requested one, else a pre-quantized file's, else none."""
-        if self.quant is not None:
-            return self.quant
-        from pascaline.formats.safetensors_io import WeightSource
-
-        with WeightSource(self.files.dit) as source:
-            if "pascaline" not in source.metadata:
-                return "none"
-            from pascaline.quant import scheme_from_metadata
-
-            scheme = scheme_from_metadata(source.metadata)
-        return "none" if scheme is None else scheme.name
+        """The scheme the DiT runs with (a pre-quantized file's own when nothing else was asked)."""
+        return component_quant(self.files.dit, self.quant, self.quant_is_auto) or "none"
 
     def load_(self) -> Pipeline:
         """Load the three models into host RAM now (what ``keep_loaded`` keeps between calls)."""
@@ -406,7 +417,8 @@ class Pipeline:
         return self._models[component]
 
     def _load(self, component: str):
-        quant = self.quant
+        path = getattr(self.files, component)
+        quant = None if component == "vae" else component_quant(path, self.quant, self.quant_is_auto)
         if component == "text_encoder":
             from pascaline.formats.qwen3 import load_text_encoder
 
@@ -623,6 +635,7 @@ def load_pipeline(
         caps,
         budget_bytes=budget,
         quant=quant_name,
+        quant_is_auto=quant == "auto",
         dtypes=dtypes,
         keep_loaded=keep,
         tokenizer=_tokenizer(files, tokenizer),
