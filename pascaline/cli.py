@@ -156,15 +156,15 @@ def _dit_placement(dtype, quant: str | None, budget: int) -> str:
     from pascaline.offload.plan import plan_for_model
     from pascaline.quant import quantize_, scheme_from_name
     from pascaline.runtime.device import format_bytes
-    from pascaline.runtime.pipeline import dit_activation_bytes
+    from pascaline.runtime.memory import dit_activation_bytes, token_counts
 
     cfg = VARIANTS["z-image-turbo"]
     with torch.device("meta"):
         model = ZImageDiT(cfg).to(dtype)
     if quant is not None:
         quantize_(model, scheme_from_name(quant))
-    # the pipeline's own estimate and planner, with the bench's 64-token prompt
-    act = dit_activation_bytes(cfg, INFO_SIZE, INFO_SIZE, CAPTION_TOKENS, dtype)
+    # the pipeline's own estimate (W8A8/dequant workspace included) and planner, a 64-token prompt
+    act = dit_activation_bytes(cfg, token_counts(cfg, INFO_SIZE, INFO_SIZE, CAPTION_TOKENS), dtype, quant)
     head = f"DiT at {INFO_SIZE}x{INFO_SIZE} ({quant or 'unquantized'}) under {format_bytes(budget)}"
     try:
         plan = plan_for_model(model, budget, act)

@@ -18,7 +18,8 @@ import pascaline
 from pascaline.errors import BudgetError, DeviceError, InvalidArgumentError
 from pascaline.runtime import pipeline as pipeline_module
 from pascaline.runtime.device import DeviceCaps
-from pascaline.runtime.pipeline import GenerateOptions, dit_activation_bytes, load_pipeline
+from pascaline.runtime.memory import dit_activation_bytes, token_counts
+from pascaline.runtime.pipeline import GenerateOptions, load_pipeline
 from pascaline.runtime.sampling import Cancelled
 from tests.factories.pipeline import psnr, reference_image, reference_pipeline, shared_models
 
@@ -223,7 +224,12 @@ def test_activation_estimate_grows_with_the_image():
     from pascaline.models.zimage_dit import VARIANTS
 
     cfg = VARIANTS["z-image-turbo"]
-    small = dit_activation_bytes(cfg, 512, 512, 64, torch.float32)
-    large = dit_activation_bytes(cfg, 1024, 1024, 64, torch.float32)
+    small = dit_activation_bytes(cfg, token_counts(cfg, 512, 512, 64), torch.float32)
+    large = dit_activation_bytes(cfg, token_counts(cfg, 1024, 1024, 64), torch.float32)
     assert 3.5 < large / small < 4.5
     assert 0.8e9 < large < 2e9  # ~4160 tokens x (8*3840 + 3*10240) fp32, with margin
+    # quantized linears add their workspace: W8A8 codes + int32 accumulator, or a dequantized weight
+    tokens = token_counts(cfg, 1024, 1024, 64)
+    w8a8 = dit_activation_bytes(cfg, tokens, torch.float32, "w8a8")
+    assert w8a8 - large == tokens.total * cfg.ffn_hidden * 9
+    assert dit_activation_bytes(cfg, tokens, "fp32", "int8") - large == cfg.dim * cfg.ffn_hidden * 8

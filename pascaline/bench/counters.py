@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Bytes per element of each storage dtype name.
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+from pascaline.runtime.memory import DTYPE_BYTES, TokenCounts, token_counts  # noqa: F401 (re-exported)
+
 # Quantized storage: (bytes per weight element, scale bytes per output row or None if per tensor).
 QUANT_STORAGE = {
     "int8": (1, 4),
@@ -29,21 +29,6 @@ QUANT_STORAGE = {
     "fp8-e4m3-per-tensor": (1, None),
     "fp8-e5m2-per-tensor": (1, None),
 }
-
-
-@dataclass(frozen=True)
-class TokenCounts:
-    """Sequence lengths of one forward (batch 1): real and padded image and caption tokens."""
-
-    image: int
-    image_padded: int
-    caption: int
-    caption_padded: int
-
-    @property
-    def total(self) -> int:
-        """S: the single-stream length the main layers see."""
-        return self.image_padded + self.caption_padded
 
 
 @dataclass(frozen=True)
@@ -57,21 +42,6 @@ class ForwardFlops:
     @property
     def total(self) -> int:
         return self.linear + self.attention + self.per_sample
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return n + (-n) % multiple
-
-
-def token_counts(cfg, height: int, width: int, caption_tokens: int) -> TokenCounts:
-    """Token counts for an image of ``height x width`` pixels (latent /8, patch 2) and a caption."""
-    cell = 8 * cfg.patch_size
-    if height % cell or width % cell or height <= 0 or width <= 0:
-        raise ValueError(f"image size {width}x{height} must be a positive multiple of {cell}")
-    n = (height // cell) * (width // cell)
-    return TokenCounts(
-        n, _round_up(n, cfg.seq_multiple), caption_tokens, _round_up(caption_tokens, cfg.seq_multiple)
-    )
 
 
 def block_linear_params(cfg) -> int:
@@ -161,30 +131,3 @@ def dit_weight_bytes(cfg, storage: str, keep: str = "bf16", depth: tuple[int, in
     blocks = (n_main + n_noise) * block_weight_bytes(cfg, storage, keep, True)
     blocks += n_ctx * block_weight_bytes(cfg, storage, keep, False)
     return blocks + other_params(cfg) * DTYPE_BYTES[keep if storage not in DTYPE_BYTES else storage]
-
-
-def activation_bytes(cfg, tokens: TokenCounts, compute: str) -> int:
-    """Device bytes a forward needs beside its weights, for placement plans.
-
-    The same estimate as ``runtime.pipeline.dit_activation_bytes`` (checked there against
-    measured CUDA peaks): one block's working set (the stream, q/k/v, the attention output
-    and three FFN-wide tensors: 8 x dim + 3 x ffn_hidden per token) with a 25 % margin,
-    plus six fp32 latents for the sampler. Attention is O(S) (memory-efficient kernels).
-    """
-    block = tokens.total * (8 * cfg.dim + 3 * cfg.ffn_hidden) * DTYPE_BYTES[compute]
-    latents = 6 * cfg.in_channels * 4 * tokens.image * 4  # (H/8)(W/8) = 4 x image tokens, fp32
-    return int(block * 1.25) + latents
-
-
-def quant_workspace_bytes(cfg, tokens: TokenCounts, quant: str | None, compute: str) -> int:
-    """Temporaries of a quantized linear beyond ``activation_bytes`` (measured to matter on CUDA).
-
-    W8A8: the int8 codes of the input and the int32 accumulator plus its fp32 rescale of the
-    widest output (ffn_hidden wide). Weight-only schemes: the widest weight dequantized (fp32,
-    then the compute dtype).
-    """
-    if quant is None:
-        return 0
-    if quant == "w8a8":
-        return tokens.total * cfg.ffn_hidden * (1 + 4 + 4)
-    return cfg.dim * cfg.ffn_hidden * (4 + DTYPE_BYTES[compute])

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pascaline.bench import counters
+from pascaline.runtime.memory import dit_activation_bytes
 
 TERA = 1e12
 GB = 1e9
@@ -106,8 +107,7 @@ def _placement(cfg, tokens, storage: str, dtype: str, budget: int, streamed: boo
         (f"layers.{i}", counters.block_weight_bytes(cfg, storage, dtype, True)) for i in range(cfg.n_layers)
     ]
     other = counters.other_params(cfg) * counters.DTYPE_BYTES[dtype]
-    activations = counters.activation_bytes(cfg, tokens, dtype)
-    activations += counters.quant_workspace_bytes(cfg, tokens, None if storage == dtype else storage, dtype)
+    activations = dit_activation_bytes(cfg, tokens, dtype, None if storage == dtype else storage)
     if not streamed:
         return other + activations + sum(b for _, b in units) <= budget, 0
     try:

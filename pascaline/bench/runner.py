@@ -29,6 +29,7 @@ from pascaline.bench.timing import (
     warm_up,
 )
 from pascaline.errors import InvalidArgumentError
+from pascaline.runtime.memory import dit_activation_bytes
 
 OWN_SCHEMES = ("int8", "w8a8", "fp8-e4m3", "fp8-e5m2")
 BACKEND_SCHEMES = {"bnb-nf4": "bitsandbytes", "bnb-llm-int8": "bitsandbytes",
@@ -164,11 +165,7 @@ def _tokens(ctx: BenchContext) -> counters.TokenCounts:
 
 
 def _activations(ctx: BenchContext, quant: str | None) -> int:
-    compute = _dtype_name(ctx.dit_dtype)
-    tokens = _tokens(ctx)
-    return counters.activation_bytes(ctx.cfg, tokens, compute) + counters.quant_workspace_bytes(
-        ctx.cfg, tokens, quant, compute
-    )
+    return dit_activation_bytes(ctx.cfg, _tokens(ctx), _dtype_name(ctx.dit_dtype), quant)
 
 
 def tight_budget(model, ctx: BenchContext, quant: str | None = None) -> int:

@@ -33,6 +33,7 @@ from pascaline.errors import InvalidArgumentError
 from pascaline.runtime import sampling
 from pascaline.runtime.device import DeviceCaps, format_bytes
 from pascaline.runtime.discovery import ModelFiles, find_model_files
+from pascaline.runtime.memory import dit_activation_bytes, encoder_activation_bytes, token_counts
 from pascaline.runtime.sizing import validate_size
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total): "load", "encode", "steps", "decode"
@@ -253,28 +254,6 @@ def _available_ram() -> int | None:
 # ---------------------------------------------------------------------------- activations
 
 
-def dit_activation_bytes(config, width: int, height: int, caption_tokens: int, dtype: torch.dtype) -> int:
-    """Device bytes a DiT forward needs beside its weights (one block's working set, with margin).
-
-    Tokens: image patches plus the caption, each padded to ``seq_multiple``. A block holds
-    the stream, q/k/v, the attention output and three FFN-wide tensors at once.
-    """
-    pad = config.seq_multiple
-    tokens = -(-(height // 16) * (width // 16) // pad) * pad + -(-caption_tokens // pad) * pad
-    size = torch.empty((), dtype=dtype).element_size()
-    block = tokens * (8 * config.dim + 3 * config.ffn_hidden) * size
-    latents = 6 * 16 * (height // 8) * (width // 8) * 4  # x, F, denoised, history (fp32)
-    return int(block * 1.25) + latents
-
-
-def encoder_activation_bytes(config, tokens: int, dtype: torch.dtype) -> int:
-    """Device bytes a text-encoder forward needs beside its weights, with margin."""
-    size = torch.empty((), dtype=dtype).element_size()
-    block = tokens * (8 * config.hidden_size + 3 * config.intermediate_size) * size
-    scores = config.num_attention_heads * tokens * tokens * 4  # the SDPA math path on old cards
-    return int((block + scores) * 1.25)
-
-
 # ---------------------------------------------------------------------------- the pipeline
 
 
@@ -298,6 +277,7 @@ class Pipeline:
         self.files, self.caps, self.budget_bytes = files, caps, budget_bytes
         self.quant, self.dtypes, self.keep_loaded = quant, dtypes, keep_loaded
         self.quant_is_auto = quant_is_auto
+        self._schemes: dict[str, str | None] = {}  # the scheme each component was loaded with
         self.tokenizer, self.progress, self.prefetch = tokenizer, progress, prefetch
         self.device = torch.device(caps.device)
         self.last_report: GenerationReport | None = None
@@ -419,6 +399,7 @@ class Pipeline:
     def _load(self, component: str):
         path = getattr(self.files, component)
         quant = None if component == "vae" else component_quant(path, self.quant, self.quant_is_auto)
+        self._schemes[component] = quant
         if component == "text_encoder":
             from pascaline.formats.qwen3 import load_text_encoder
 
@@ -478,7 +459,9 @@ class Pipeline:
             self._report("encode", 0, 1)
             with self._loaded("text_encoder") as encoder:
                 tokens = max(len(ids) for ids in encoder.tokenize(prompts))
-                act = encoder_activation_bytes(encoder.model.config, tokens, self.dtypes["encoder"])
+                act = encoder_activation_bytes(
+                    encoder.model.config, tokens, self.dtypes["encoder"], self._schemes.get("text_encoder")
+                )
                 with self._placed(encoder.model, "encoder", act, ledger, report):
                     features = [f.to("cpu") for f in encoder.encode(prompts)]
             self._report("encode", 1, 1)
@@ -507,9 +490,9 @@ class Pipeline:
             cond = [captions[0].to(self.device, dtype)]
             negative = [captions[1].to(self.device, dtype)] if len(captions) > 1 else None
             with self._loaded("dit") as model:
-                act = dit_activation_bytes(
-                    model.config, options.width, options.height, max(c.shape[0] for c in captions), dtype
-                )
+                cap = max(c.shape[0] for c in captions)
+                tokens = token_counts(model.config, options.height, options.width, cap)
+                act = dit_activation_bytes(model.config, tokens, dtype, self._schemes.get("dit"))
                 with self._placed(model, "dit", act, ledger, report):
                     latent = self._sample(model, noise, cond, negative, init, options, report, callback)
         return latent

@@ -1,0 +1,85 @@
+"""Device bytes a forward needs beside its weights: the estimates every placement plan uses.
+
+One estimate serves ``generate`` (the pipeline's plans), ``pascaline info`` and the bench
+(its streamed budgets and projections), so what the bench measured against CUDA peaks is
+what the pipeline plans with. Token counts follow the forward: image patches and caption
+tokens, each padded to ``seq_multiple`` (the pad tokens take part in every block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Bytes per element of a compute or storage dtype, by name (torch dtypes are accepted too).
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+def dtype_bytes(dtype) -> int:
+    """``torch.float16`` or ``"fp16"`` -> 2."""
+    return DTYPE_BYTES[str(dtype).removeprefix("torch.")]
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """Sequence lengths of one forward (batch 1): real and padded image and caption tokens."""
+
+    image: int
+    image_padded: int
+    caption: int
+    caption_padded: int
+
+    @property
+    def total(self) -> int:
+        """S: the single-stream length the main layers see."""
+        return self.image_padded + self.caption_padded
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return n + (-n) % multiple
+
+
+def token_counts(cfg, height: int, width: int, caption_tokens: int) -> TokenCounts:
+    """Token counts for an image of ``height x width`` pixels (latent /8, patch 2) and a caption."""
+    cell = 8 * cfg.patch_size
+    if height % cell or width % cell or height <= 0 or width <= 0:
+        raise ValueError(f"image size {width}x{height} must be a positive multiple of {cell}")
+    n = (height // cell) * (width // cell)
+    return TokenCounts(
+        n, _round_up(n, cfg.seq_multiple), caption_tokens, _round_up(caption_tokens, cfg.seq_multiple)
+    )
+
+
+def quant_workspace_bytes(tokens: int, dim: int, widest: int, quant: str | None, compute) -> int:
+    """Temporaries of a quantized linear beyond the float working set (measured to matter on CUDA).
+
+    W8A8: the int8 codes of the input, the int32 accumulator and its fp32 rescale, ``widest``
+    wide. Weight-only schemes: the widest ``dim x widest`` weight dequantized (fp32, then the
+    compute dtype). None: nothing.
+    """
+    if quant is None:
+        return 0
+    if quant == "w8a8":
+        return tokens * widest * (1 + 4 + 4)
+    return dim * widest * (4 + dtype_bytes(compute))
+
+
+def dit_activation_bytes(cfg, tokens: TokenCounts, compute, quant: str | None = None) -> int:
+    """Device bytes a DiT forward needs beside its weights.
+
+    One block's working set (the stream, q/k/v, the attention output and three FFN-wide
+    tensors: 8 x dim + 3 x ffn_hidden per token) with a 25 % margin, six fp32 latents for
+    the sampler, and the quantized linears' workspace. Attention is O(S) (memory-efficient
+    kernels).
+    """
+    block = tokens.total * (8 * cfg.dim + 3 * cfg.ffn_hidden) * dtype_bytes(compute)
+    latents = 6 * cfg.in_channels * 4 * tokens.image * 4  # (H/8)(W/8) = 4 x image tokens, fp32
+    workspace = quant_workspace_bytes(tokens.total, cfg.dim, cfg.ffn_hidden, quant, compute)
+    return int(block * 1.25) + latents + workspace
+
+
+def encoder_activation_bytes(config, tokens: int, compute, quant: str | None = None) -> int:
+    """Device bytes a Qwen3 encoder forward over ``tokens`` needs beside its weights, with margin."""
+    block = tokens * (8 * config.hidden_size + 3 * config.intermediate_size) * dtype_bytes(compute)
+    scores = config.num_attention_heads * tokens * tokens * 4  # the SDPA math path on old cards
+    workspace = quant_workspace_bytes(tokens, config.hidden_size, config.intermediate_size, quant, compute)
+    return int((block + scores) * 1.25) + workspace
