@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+from tests.factories.dit import make_tiny_diffusers_dit, save_comfy_dit
+from tests.factories.qwen3 import cached_tokenizer
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -14,3 +17,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The built-in Qwen tokenizer, built once per test session."""
+    return cached_tokenizer(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def dit_model():
+    """A tiny random diffusers ZImageTransformer2DModel."""
+    return make_tiny_diffusers_dit()
+
+
+@pytest.fixture(scope="module")
+def dit_bf16(dit_model, tmp_path_factory):
+    """``dit_model`` as a ComfyUI bf16 single file."""
+    return save_comfy_dit(dit_model, tmp_path_factory.mktemp("src") / "dit_bf16.safetensors")

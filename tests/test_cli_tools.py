@@ -17,18 +17,8 @@ from pascaline.formats.zimage_dit import load_dit
 from pascaline.quant import quantize_file, scheme_from_metadata
 from pascaline.quant.qlinear import QLinear
 from pascaline.runtime.device import GIB, format_bytes
-from tests.factories.dit import make_tiny_diffusers_dit, save_comfy_dit, save_diffusers_dit
+from tests.factories.dit import save_diffusers_dit
 from tests.factories.qwen3 import make_qwen3, save_comfy
-
-
-@pytest.fixture(scope="module")
-def dit_model():
-    return make_tiny_diffusers_dit()
-
-
-@pytest.fixture(scope="module")
-def dit_bf16(dit_model, tmp_path_factory):
-    return save_comfy_dit(dit_model, tmp_path_factory.mktemp("src") / "dit_bf16.safetensors")
 
 
 @pytest.fixture

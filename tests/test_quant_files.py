@@ -26,7 +26,7 @@ from pascaline.formats.safetensors_io import WeightSource
 from pascaline.formats.zimage_dit import load_dit
 from pascaline.quant import keep_dtype_keys, quantize_, quantize_file, scheme_from_metadata
 from pascaline.quant.files import float_shapes
-from tests.factories.dit import make_tiny_diffusers_dit, save_comfy_dit, save_diffusers_dit
+from tests.factories.dit import save_diffusers_dit
 from tests.factories.qwen3 import make_qwen3, save_comfy
 
 SCHEMES = ["int8", "w8a8", "fp8-e4m3", "fp8-e5m2"]
@@ -41,16 +41,6 @@ def _assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
         assert torch.equal(_bits(a[key]), _bits(b[key])), key
-
-
-@pytest.fixture(scope="module")
-def dit_model():
-    return make_tiny_diffusers_dit()
-
-
-@pytest.fixture(scope="module")
-def dit_bf16(dit_model, tmp_path_factory):
-    return save_comfy_dit(dit_model, tmp_path_factory.mktemp("src") / "dit_bf16.safetensors")
 
 
 @pytest.mark.parametrize("name", SCHEMES)

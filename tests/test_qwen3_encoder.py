@@ -26,7 +26,6 @@ from pascaline.formats.qwen3 import (
     load_text_encoder,
 )
 from tests.factories.qwen3 import (
-    cached_tokenizer,
     comfy_state_dict,
     fp8_state_dict,
     make_qwen3,
@@ -40,11 +39,6 @@ PROMPTS = [
     "Маяк на закате, Grüße aus München! 東京の夜景と灯台、你好世界 🎨🚀 — photo, 35mm",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return cached_tokenizer(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 from pascaline.errors import TokenizerNotFoundError
 from pascaline.formats import tokenizer as tokmod
 from pascaline.formats.tokenizer import QWEN3_ADDED_TOKENS, load_tokenizer
-from tests.factories.qwen3 import cached_tokenizer
 
 TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 PROMPTS = [
@@ -25,11 +24,6 @@ PROMPTS = [
     "def f(x):\n    return x ** 2  # code, <html>&amp;</html>",
     "e\u0301 (combining accent, NFC-normalized) and café",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return cached_tokenizer(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

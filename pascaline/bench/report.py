@@ -85,6 +85,18 @@ def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
 
 
+_SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _result_row(label: str, r: dict, h2d: str, overlap: str, vs: str) -> list[str]:
+    s = r["s_per_it"]
+    return [
+        label, _SHORT_DTYPES.get(r["compute_dtype"], r["compute_dtype"]), _s(s["median"]), _s(s["min"]),
+        _s(s["max"]), _s(r["s_per_it_full_depth"]), _gib(r["peak_vram_bytes"]), _gib(r["peak_rss_bytes"]),
+        h2d, overlap, vs,
+    ]  # fmt: skip
+
+
 def _results_table(report: dict) -> list[str]:
     ratio = report["baseline"]["ratio"]
     header = [
@@ -102,41 +114,11 @@ def _results_table(report: dict) -> list[str]:
     ]
     rows = []
     for r in report["results"]:
-        s = r["s_per_it"]
         overlap = "-" if r["overlap"] is None else f"{100 * r['overlap']:.0f}%"
         vs = "-" if ratio.get(r["strategy"]) is None else f"{ratio[r['strategy']]:.2f}x"
-        rows.append(
-            [
-                r["strategy"],
-                r["compute_dtype"],
-                _s(s["median"]),
-                _s(s["min"]),
-                _s(s["max"]),
-                _s(r["s_per_it_full_depth"]),
-                _gib(r["peak_vram_bytes"]),
-                _gib(r["peak_rss_bytes"]),
-                _gib(r["h2d_bytes_per_it"]),
-                overlap,
-                vs,
-            ]
-        )
+        rows.append(_result_row(r["strategy"], r, _gib(r["h2d_bytes_per_it"]), overlap, vs))
     for name, r in (report["baseline"]["diffusers"] or {}).items():
-        s = r["s_per_it"]
-        rows.append(
-            [
-                f"diffusers {name}",
-                r["compute_dtype"],
-                _s(s["median"]),
-                _s(s["min"]),
-                _s(s["max"]),
-                _s(r["s_per_it_full_depth"]),
-                _gib(r["peak_vram_bytes"]),
-                _gib(r["peak_rss_bytes"]),
-                "-",
-                "-",
-                "1.00x",
-            ]
-        )
+        rows.append(_result_row(f"diffusers {name}", r, "-", "-", "1.00x"))
     return _rows(header, rows)
 
 
