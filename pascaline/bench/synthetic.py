@@ -154,7 +154,6 @@ def build_encoder(
         heads = max(1, hidden // 128)
         cfg = replace(cfg, hidden_size=hidden, num_heads=heads, num_kv_heads=1, intermediate_size=4 * hidden)
     config = cfg.to_transformers()
-    config.pad_token_id = None  # Qwen's pad id 151643 lies outside the cut vocabulary
     with torch.device("meta"):
         model = Qwen3Encoder(config).to(dtype)
     fill_random_(model, seed=seed, device=device)

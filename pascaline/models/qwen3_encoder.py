@@ -19,6 +19,8 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from pascaline.errors import ConfigError
 
+QWEN_PAD_ID = 151643  # <|endoftext|>
+
 
 @dataclass(frozen=True)
 class Qwen3EncoderConfig:
@@ -70,7 +72,8 @@ class Qwen3EncoderConfig:
             tie_word_embeddings=True,
             hidden_act="silu",
             use_cache=False,
-            pad_token_id=151643,
+            # Qwen's pad id; a vocabulary cut below it (the bench's) has none
+            pad_token_id=QWEN_PAD_ID if self.vocab_size > QWEN_PAD_ID else None,
             attn_implementation="sdpa",
         )
         if rope_theta_of(config) != self.rope_theta:
