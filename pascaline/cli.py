@@ -148,26 +148,15 @@ def _policy_lines(caps) -> list[str]:
 
 def _dit_placement(dtype, quant: str | None, budget: int) -> str:
     """How ``generate`` places the real DiT at INFO_SIZE² under ``budget``, planned on ``meta``."""
-    import torch
-
     from pascaline.bench.synthetic import CAPTION_TOKENS
     from pascaline.errors import BudgetError
-    from pascaline.models.zimage_dit import VARIANTS, ZImageDiT
-    from pascaline.offload.plan import plan_for_model
-    from pascaline.quant import quantize_, scheme_from_name
+    from pascaline.models.zimage_dit import VARIANTS
     from pascaline.runtime.device import format_bytes
-    from pascaline.runtime.memory import dit_activation_bytes, token_counts
+    from pascaline.runtime.memory import plan_dit
 
-    cfg = VARIANTS["z-image-turbo"]
-    with torch.device("meta"):
-        model = ZImageDiT(cfg).to(dtype)
-    if quant is not None:
-        quantize_(model, scheme_from_name(quant))
-    # the pipeline's own estimate (W8A8/dequant workspace included) and planner, a 64-token prompt
-    act = dit_activation_bytes(cfg, token_counts(cfg, INFO_SIZE, INFO_SIZE, CAPTION_TOKENS), dtype, quant)
     head = f"DiT at {INFO_SIZE}x{INFO_SIZE} ({quant or 'unquantized'}) under {format_bytes(budget)}"
-    try:
-        plan = plan_for_model(model, budget, act)
+    try:  # the pipeline's own build, estimate (W8A8/dequant workspace included) and planner
+        plan = plan_dit(VARIANTS["z-image-turbo"], dtype, quant, INFO_SIZE, INFO_SIZE, CAPTION_TOKENS, budget)
     except BudgetError as exc:
         return f"{head}: does not fit. {exc}"
     slots = f", {plan.slots} slots of {format_bytes(plan.slot_bytes)}" if plan.streamed else ""

@@ -193,9 +193,12 @@ def test_options_are_validated(kwargs, message):
 
 
 def test_budget_too_small_is_a_user_error(models):
-    p = load_pipeline(models.comfy, device="cpu", quant="none", vram_budget="4MiB", keep_loaded=False)
+    phases = []
+    p = load_pipeline(models.comfy, device="cpu", quant="none", vram_budget="4MiB", keep_loaded=False,
+                      progress=lambda phase, done, total: phases.append(phase))
     with pytest.raises(BudgetError, match="raise --vram-budget"):
         p.generate(PROMPT, width=32, height=32, seed=1, steps=1)
+    assert "encode" not in phases and p.last_report.stages == []  # found before the encoder ran
 
 
 def test_torch_without_kernels_for_the_gpu(models):

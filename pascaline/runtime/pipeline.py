@@ -33,7 +33,7 @@ from pascaline.errors import InvalidArgumentError
 from pascaline.runtime import sampling
 from pascaline.runtime.device import DeviceCaps, format_bytes
 from pascaline.runtime.discovery import ModelFiles, find_model_files
-from pascaline.runtime.memory import dit_activation_bytes, encoder_activation_bytes, token_counts
+from pascaline.runtime.memory import dit_activation_bytes, encoder_activation_bytes, plan_dit, token_counts
 from pascaline.runtime.sizing import validate_size
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total): "load", "encode", "steps", "decode"
@@ -278,6 +278,7 @@ class Pipeline:
         self.quant, self.dtypes, self.keep_loaded = quant, dtypes, keep_loaded
         self.quant_is_auto = quant_is_auto
         self._schemes: dict[str, str | None] = {}  # the scheme each component was loaded with
+        self._fits: set[tuple[int, int]] = set()  # image sizes whose DiT plan fits the budget
         self.tokenizer, self.progress, self.prefetch = tokenizer, progress, prefetch
         self.device = torch.device(caps.device)
         self.last_report: GenerationReport | None = None
@@ -348,6 +349,7 @@ class Pipeline:
         self.last_report = report
         start = time.perf_counter()
         try:
+            self._check_dit_fits(options)
             captions = self._encode_stage(options, ledger, report)
             init = self._vae_encode_stage(options, ledger) if options.init_image is not None else None
             latent = self._dit_stage(options, captions, init, ledger, report, callback)
@@ -444,6 +446,20 @@ class Pipeline:
             yield plan
         finally:
             streamer.detach_()
+
+    def _check_dit_fits(self, options: GenerateOptions) -> None:
+        """Plan the DiT on ``meta`` before the encoder runs, so a budget too small fails first."""
+        size = (options.width, options.height)
+        if self.budget_bytes is None or size in self._fits:
+            return
+        from pascaline.formats.zimage_dit import infer_dit_config, open_dit_source
+
+        with open_dit_source(self.files.dit) as source:
+            cfg = infer_dit_config(source.shapes())
+        quant = component_quant(self.files.dit, self.quant, self.quant_is_auto)
+        # the shortest caption: a longer one only adds its tokens to the real plan's estimate
+        plan_dit(cfg, self.dtypes["dit"], quant, *size, cfg.seq_multiple, self.budget_bytes, self.prefetch)
+        self._fits.add(size)
 
     # --- stages ---------------------------------------------------------------------------
 
