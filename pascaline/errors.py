@@ -52,5 +52,9 @@ class BudgetError(PascalineError):
     """The VRAM budget cannot hold even the smallest working set."""
 
 
+class HostMemoryError(BudgetError):
+    """A model would not fit in the RAM this machine has available."""
+
+
 class DeviceError(PascalineError):
     """The requested device is absent, or the installed torch cannot drive it."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pascaline
-from pascaline.errors import BudgetError, DeviceError, InvalidArgumentError
+from pascaline.errors import BudgetError, DeviceError, HostMemoryError, InvalidArgumentError
 from pascaline.runtime import pipeline as pipeline_module
 from pascaline.runtime.device import DeviceCaps
 from pascaline.runtime.memory import dit_activation_bytes, token_counts
@@ -199,6 +199,23 @@ def test_budget_too_small_is_a_user_error(models):
     with pytest.raises(BudgetError, match="raise --vram-budget"):
         p.generate(PROMPT, width=32, height=32, seed=1, steps=1)
     assert "encode" not in phases and p.last_report.stages == []  # found before the encoder ran
+
+
+def test_not_enough_host_ram_is_a_user_error_before_any_load(models, monkeypatch):
+    p = load_pipeline(models.comfy, device="cpu", quant="none", keep_loaded=False)
+    dit_bytes = pipeline_module.estimated_host_bytes(p.files.dit, torch.float32, False)
+    monkeypatch.setattr(pipeline_module, "_available_ram", lambda: dit_bytes - 1)
+    with pytest.raises(HostMemoryError, match=r"the DiT \(float32\) would need .* use --quant w8a8"):
+        p.generate(PROMPT, width=32, height=32, seed=1, steps=1)
+    assert p.last_report.stages == [] and not p._models
+    # one model at a time: the largest must fit; kept models are needed at once: their sum must
+    needs = [pipeline_module.estimated_host_bytes(getattr(p.files, c), torch.float32, False)
+             for c in ("text_encoder", "dit", "vae")]
+    monkeypatch.setattr(pipeline_module, "_available_ram", lambda: max(needs))
+    p.generate(PROMPT, width=32, height=32, seed=1, steps=1, output="latent")
+    p.keep_loaded = True
+    with pytest.raises(HostMemoryError, match="the models kept together would need"):
+        p.load_()
 
 
 def test_torch_without_kernels_for_the_gpu(models):

@@ -44,6 +44,8 @@ RANDOM_SEED_RANGE = 2**32  # random seeds stay short enough to type back
 # Keep the models in host RAM between calls when they take at most this share of the RAM
 # that was available when the pipeline was loaded.
 KEEP_LOADED_SHARE = 0.5
+_DTYPE_KEYS = {"text_encoder": "encoder", "dit": "dit", "vae": "vae"}
+_COMPONENT_NAMES = {"text_encoder": "text encoder", "dit": "DiT", "vae": "VAE"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 
@@ -251,9 +253,6 @@ def _available_ram() -> int | None:
     return int(psutil.virtual_memory().available)
 
 
-# ---------------------------------------------------------------------------- activations
-
-
 # ---------------------------------------------------------------------------- the pipeline
 
 
@@ -349,6 +348,7 @@ class Pipeline:
         self.last_report = report
         start = time.perf_counter()
         try:
+            self._check_host_ram()
             self._check_dit_fits(options)
             captions = self._encode_stage(options, ledger, report)
             init = self._vae_encode_stage(options, ledger) if options.init_image is not None else None
@@ -379,6 +379,7 @@ class Pipeline:
 
     def load_(self) -> Pipeline:
         """Load the three models into host RAM now (what ``keep_loaded`` keeps between calls)."""
+        self._check_host_ram()
         for i, component in enumerate(("text_encoder", "dit", "vae")):
             self._report("load", i, 3)
             self._model(component)
@@ -415,6 +416,36 @@ class Pipeline:
         from pascaline.formats.flux_vae import load_vae
 
         return load_vae(self.files.vae, dtype=self.dtypes["vae"])
+
+    def _check_host_ram(self) -> None:
+        """Refuse a run that would exhaust the RAM available now, before any weight is read.
+
+        Models not loaded yet are needed one at a time, or all together when they are kept.
+        """
+        available = _available_ram()
+        if available is None:
+            return
+        needs = {}
+        for component in ("text_encoder", "dit", "vae"):
+            if component not in self._models:
+                path = getattr(self.files, component)
+                quant = None if component == "vae" else component_quant(path, self.quant, self.quant_is_auto)
+                dtype = self.dtypes[_DTYPE_KEYS[component]]
+                needs[component] = (estimated_host_bytes(path, dtype, quant is not None), quant or dtype)
+        need = sum(n for n, _ in needs.values()) if self.keep_loaded else max((n for n, _ in needs.values()),
+                                                                               default=0)
+        if need <= available:
+            return
+        from pascaline.errors import HostMemoryError
+
+        largest = max(needs, key=lambda c: needs[c][0])
+        what = str(needs[largest][1]).removeprefix("torch.")
+        held = "the models kept together" if self.keep_loaded else f"the {_COMPONENT_NAMES[largest]} ({what})"
+        hint = "" if self.quant else "; use --quant w8a8 (or int8) to need half or less"
+        raise HostMemoryError(
+            f"{held} would need about {format_bytes(need)} of RAM but only {format_bytes(available)} is "
+            f"available; close other programs{hint}."
+        )
 
     @contextmanager
     def _loaded(self, component: str):
