@@ -217,6 +217,82 @@ def test_host_pool_caps_pinned_bytes():
     assert pool.pageable_bytes == 50
 
 
+def _stand_in_pinned(nbytes):  # pageable memory standing for a pinned arena
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def test_pinned_buffers_come_from_power_of_two_arenas():
+    made = []
+    pool = HostPool(pin=True, pin_limit_bytes=4096 + 512, arena_bytes=1024,
+                    allocator=lambda n: made.append(n) or _stand_in_pinned(n))
+    pool.expect(4 * 512 + 2048 + 512)
+    a, b, c = pool.allocate(300), pool.allocate(300), pool.allocate(300)  # 256-aligned: two per arena
+    assert made == [1024, 1024] and pool.pinned_bytes == 2048 and pool.pageable_bytes == 0
+    d = pool.allocate(300)  # the second arena's free half (first fit)
+    big = pool.allocate(2048)  # larger than an arena: its own power of two
+    assert made == [1024, 1024, 2048] and pool.pinned_bytes == 4096
+    tail = pool.allocate(400)  # 512 left under the cap: the smallest power of two that fits
+    assert made[-1] == 512 and pool.pinned_bytes == 4608
+    over = pool.allocate(100)  # every arena full and the cap reached: pageable
+    assert pool.pageable_bytes == 100 and len(made) == 4
+    buffers = [a, b, c, d, big, tail, over]
+    for i, buf in enumerate(buffers):  # no two buffers share a byte
+        buf.fill_(i)
+    assert [int(buf.float().mean()) for buf in buffers] == list(range(7))
+    pool.free(a)
+    assert pool.pinned_bytes == 4608  # b still lives in the first arena
+    pool.free(b)
+    assert pool.pinned_bytes == 3584  # the first arena is given back whole
+    for buf in (c, d, big, tail, over):
+        pool.free(buf)
+    assert (pool.pinned_bytes, pool.pageable_bytes) == (0, 0)
+
+
+def test_arenas_are_sized_to_what_is_expected():
+    made = []
+    pool = HostPool(pin=True, pin_limit_bytes=1 << 30, arena_bytes=8192,
+                    allocator=lambda n: made.append(n) or _stand_in_pinned(n))
+    pool.expect(13 * 1536)  # 13 units of 1300 bytes, 1536 aligned: 2048 each if pinned one by one
+    units = [pool.allocate(1300) for _ in range(13)]
+    assert made == [8192, 8192, 4096, 2048]  # 5 + 5 + 2 + 1 units
+    assert pool.pinned_bytes == 22528 < 13 * 2048 and pool.pageable_bytes == 0
+    for unit in units:
+        pool.free(unit)
+    assert pool.pinned_bytes == 0
+
+
+def test_pinning_refused_by_the_os_is_retried_smaller_then_pageable():
+    def lock_at_most(limit):
+        def allocate(n):
+            if n > limit:
+                raise RuntimeError("cudaHostAlloc failed")
+            return _stand_in_pinned(n)
+
+        return allocate
+
+    pool = HostPool(pin=True, pin_limit_bytes=1 << 30, arena_bytes=8192, allocator=lock_at_most(2048))
+    pool.expect(8192)
+    assert pool.allocate(1000).numel() == 1000 and pool.pinned_bytes == 2048
+    refusing = HostPool(pin=True, pin_limit_bytes=1 << 30, arena_bytes=1024, allocator=lock_at_most(0))
+    assert refusing.allocate(100).numel() == 100
+    assert (refusing.pinned_bytes, refusing.pageable_bytes, refusing.pin_limit_bytes) == (0, 100, 0)
+
+
+def test_streaming_from_arena_buffers_is_exact(model):
+    reference = run(model, X)
+    streamer = BlockStreamer(model, budgets(model)["all"], "cpu", activation_bytes=1000)
+    sizes = dict(unit_sizes(model))
+    streamer.pool = HostPool(pin=True, pin_limit_bytes=1 << 30, arena_bytes=4 * max(sizes.values()),
+                             allocator=_stand_in_pinned)
+    with streamer:
+        got = run(model, X)
+        stats = streamer.stats
+    for a, b in zip(reference, got, strict=True):
+        assert torch.equal(a, b)
+    assert stats.pageable_bytes == 0 and 0 < stats.pinned_bytes < 2 * sum(sizes.values())
+    assert streamer.pool.pinned_bytes == 0  # every arena given back on detach
+
+
 @pytest.mark.cuda
 def test_cuda_streaming_with_pinned_pool_and_fallback(model):
     reference = run(model, X)
