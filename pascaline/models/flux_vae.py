@@ -9,8 +9,10 @@ full resolution) and runs from the last level to the first. Attention q/k/v/proj
 (``formats.flux_vae.FluxVAE``): this module maps a raw ``z`` to pixels and back.
 
 Forwards free what they no longer need and use in-place activations, because the
-decoder's full-resolution activations are the largest tensors of the whole pipeline;
-``runtime.tiling.estimate_decode_peak_bytes`` models exactly this order of allocations.
+decoder's full-resolution activations are the largest tensors of the whole pipeline (the
+encoder's come second); ``runtime.tiling.estimate_decode_peak_bytes`` and
+``estimate_encode_peak_bytes`` model exactly this order of allocations. Both halves split
+into a ``head`` and a ``tail`` so a tiled run can keep the global mid block whole.
 """
 
 from __future__ import annotations
@@ -187,16 +189,26 @@ class Encoder(nn.Module):
         self.norm_out = _norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, 3, H, W] -> moments [B, 2*z, H/8, W/8] (mean, then logvar)
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """conv_in and the down path; local (convolutions and GroupNorm only)."""
+        # x: [B, 3, H, W] -> [B, C_top, H/8, W/8]
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
                 h = block(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
+        return h
+
+    def tail(self, h: torch.Tensor) -> torch.Tensor:
+        """The mid block (global attention) and the output conv at latent resolution."""
+        # h: [B, C_top, h, w] -> moments [B, 2*z, h, w]
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, 3, H, W] -> moments [B, 2*z, H/8, W/8] (mean, then logvar)
+        return self.tail(self.head(x))
 
 
 class Decoder(nn.Module):
