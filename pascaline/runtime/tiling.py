@@ -29,10 +29,9 @@ from pascaline.models.flux_vae import ATTN_SCORES_PER_CHUNK, VARIANTS, FluxVAECo
 
 MIN_TILE = 16  # latent pixels per side: 128 image pixels
 GRANULE = 8  # tile sizes are multiples of this (latent pixels)
-# Margin for what the walk does not count: allocator rounding, GroupNorm statistics,
-# a same-width resnet's extra workspace (measured 6c where the walk says 5c; never the
-# peak step). With it the estimate of a 1024² decode is ~5-10% above the peak measured
-# on an H100 (cuDNN 9.19); see the report.
+# Margin for what the walk does not count: allocator rounding, GroupNorm statistics.
+# With it the estimate of a 1024² decode is ~5-10% above the peak measured on an H100
+# (cuDNN 9.19); see the report.
 MARGIN = 1.1
 
 
@@ -47,8 +46,12 @@ def _resnet_peak(c_in: int, c_out: int) -> int:
     # Elements per pixel alive inside ResnetBlock.forward; x is held for the residual.
     conv1 = _conv(2 * c_in + c_out, c_in, c_out)  # x, norm1(x), conv1 output
     conv2 = _conv(c_in + 2 * c_out, c_out, c_out)  # x, norm2(h), conv2 output
-    shortcut = _conv(c_in + 2 * c_out, c_in, c_out) if c_in != c_out else 0  # x, h, nin(x)
-    return max(conv1, conv2, shortcut)
+    if c_in != c_out:
+        shortcut = _conv(c_in + 2 * c_out, c_in, c_out)  # x, h, nin(x)
+        return max(conv1, conv2, shortcut)
+    # A same-width resnet measured 6c where the walk says 5c (workspace, on the H100). It is
+    # never the decoder's peak step, but the encoder's full-resolution resnets are its peak.
+    return max(conv1, conv2) + c_out
 
 
 def _upsample_peak(c: int) -> int:
