@@ -8,6 +8,7 @@ model built on meta, and returns a ``FluxVAE`` that applies the latent scale and
 
     vae = load_vae("models/vae/ae.safetensors")
     images = to_pil(vae.decode(latent, budget_bytes=3 * 2**30))
+    init = vae.encode(image, budget_bytes=3 * 2**30)  # tiled when the image needs it
 """
 
 from __future__ import annotations
@@ -255,19 +256,40 @@ class FluxVAE:
             out = tiling.decode_tiled(self.model.decoder, z, plan, factor=cfg.downscale)
         return out.float().clamp_(-1.0, 1.0)
 
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] (H, W multiples of 8) -> fp32 latent [B, 16, H/8, W/8]."""
-        f = self.config.downscale
+    def encode(
+        self, image: torch.Tensor, *, tile: int | None = None, budget_bytes: int | None = None
+    ) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] (H, W multiples of 8) -> fp32 latent [B, 16, H/8, W/8].
+
+        ``tile`` (image pixels per side, a multiple of 8) or ``budget_bytes`` (device bytes
+        the encode may use, weights and image included) selects a tiled encode; neither:
+        one tile, which equals the untiled encode exactly. The encoder's mid block runs on
+        the whole latent when it fits beside the tiles, yet a tiled encode stays an
+        approximation (GroupNorm statistics are per tile). On CUDA an out-of-memory error
+        retries with smaller tiles.
+        """
+        from pascaline.runtime import tiling
+
+        cfg, f = self.config, self.config.downscale
         shape = tuple(image.shape)
-        if len(shape) != 4 or shape[1] != self.config.in_channels or shape[2] % f or shape[3] % f:
+        if len(shape) != 4 or shape[1] != cfg.in_channels or shape[2] % f or shape[3] % f:
             raise InvalidArgumentError(
-                f"the VAE encodes images of shape [B, {self.config.in_channels}, H, W] with H and W "
+                f"the VAE encodes images of shape [B, {cfg.in_channels}, H, W] with H and W "
                 f"multiples of {f}, not {list(image.shape)}."
             )
+        if tile is not None and budget_bytes is not None:
+            raise InvalidArgumentError("give the VAE encode a tile size or a budget, not both.")
+        b, _, height, width = shape
+        if budget_bytes is not None:
+            plan = tiling.plan_encode_tiles(height, width, self.dtype, budget_bytes, config=cfg, batch=b)
+        else:
+            plan = tiling.encode_tile_plan(height, width, tile, downscale=f)
         with torch.no_grad():
-            moments = self.model.encode_moments(image.to(self.device, self.dtype))
-        mean = moments[:, : self.config.z_channels].float()
-        return (mean - self.config.shift_factor) * self.config.scale_factor
+            moments = tiling.encode_tiled(
+                self.model.encoder, image.to(self.device, self.dtype), plan, factor=f
+            )
+        mean = moments[:, : cfg.z_channels].float()
+        return (mean - cfg.shift_factor) * cfg.scale_factor
 
 
 def to_pil(images: torch.Tensor) -> list:
