@@ -527,7 +527,7 @@ class Pipeline:
                 f"{options.width}] in [-1, 1]."
             )
         with ledger.stage("vae_encode"), self._loaded("vae") as vae, self._vae_on_device(vae, ledger):
-            latent = vae.encode(image).to("cpu")
+            latent = vae.encode(image, budget_bytes=self.budget_bytes).to("cpu")
         return latent
 
     def _dit_stage(self, options, captions, init, ledger, report, callback) -> torch.Tensor:
