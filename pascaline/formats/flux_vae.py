@@ -210,6 +210,7 @@ class FluxVAE:
 
     @property
     def device(self) -> torch.device:
+        """The decoder's device (a pipeline may place only the half a stage runs)."""
         return self.model.decoder.conv_in.weight.device
 
     def to(
@@ -284,9 +285,10 @@ class FluxVAE:
             plan = tiling.plan_encode_tiles(height, width, self.dtype, budget_bytes, config=cfg, batch=b)
         else:
             plan = tiling.encode_tile_plan(height, width, tile, downscale=f)
+        encoder = self.model.encoder
         with torch.no_grad():
             moments = tiling.encode_tiled(
-                self.model.encoder, image.to(self.device, self.dtype), plan, factor=f
+                encoder, image.to(encoder.conv_in.weight.device, self.dtype), plan, factor=f
             )
         mean = moments[:, : cfg.z_channels].float()
         return (mean - cfg.shift_factor) * cfg.scale_factor

@@ -248,7 +248,7 @@ class Decoder(nn.Module):
 
 
 class FluxAutoEncoder(nn.Module):
-    """Encoder + decoder. ``decode``/``encode_moments`` work on the raw latent ``z``."""
+    """Encoder + decoder. ``decode`` works on the raw latent ``z``; ``encoder(x)`` gives its moments."""
 
     def __init__(self, config: FluxVAEConfig):
         super().__init__()
@@ -258,9 +258,6 @@ class FluxAutoEncoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
-
-    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)

@@ -526,7 +526,11 @@ class Pipeline:
                 f"the init image tensor has shape {tuple(image.shape)}; give [1, 3, {options.height}, "
                 f"{options.width}] in [-1, 1]."
             )
-        with ledger.stage("vae_encode"), self._loaded("vae") as vae, self._vae_on_device(vae, ledger):
+        with (
+            ledger.stage("vae_encode"),
+            self._loaded("vae") as vae,
+            self._vae_on_device(vae, "encoder", ledger),
+        ):
             latent = vae.encode(image, budget_bytes=self.budget_bytes).to("cpu")
         return latent
 
@@ -565,7 +569,7 @@ class Pipeline:
     def _decode_stage(self, latent: torch.Tensor, options: GenerateOptions, ledger):
         with ledger.stage("vae"):
             self._report("decode", 0, 1)
-            with self._loaded("vae") as vae, self._vae_on_device(vae, ledger):
+            with self._loaded("vae") as vae, self._vae_on_device(vae, "decoder", ledger):
                 images = vae.decode(latent, budget_bytes=self.budget_bytes).to("cpu")
             self._report("decode", 1, 1)
         if options.output == "tensor":
@@ -575,14 +579,17 @@ class Pipeline:
         return to_pil(images)[0]
 
     @contextmanager
-    def _vae_on_device(self, vae, ledger):
-        nbytes = sum(t.numel() * t.element_size() for t in vae.model.state_dict().values())
-        vae.to(self.device)
+    def _vae_on_device(self, vae, part: str, ledger):
+        """The VAE's ``part`` ("encoder" or "decoder") on the device for one stage: the tile
+        planner counts that half's weights only, so the other half stays on the host."""
+        module = getattr(vae.model, part)
+        nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        module.to(self.device)
         ledger.place("vae", nbytes)
         try:
             yield vae
         finally:
-            vae.to("cpu")
+            module.to("cpu")
             ledger.release("vae")
 
 
