@@ -51,25 +51,6 @@ def test_estimate_grows_with_area():
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_planner_monotone_and_within_budget(dtype):
-    whole = tiling.estimate_decode_peak_bytes(128, 128, dtype)
-    assert tiling.plan_decode_tiles(128, 128, dtype, whole).single
-    previous = math.inf
-    for budget in [
-        int(b * GIB) for b in (8, 5, 3, 2, 1.5, 1.2, 1, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
-    ]:
-        try:
-            plan = tiling.plan_decode_tiles(128, 128, dtype, budget)
-        except BudgetError:
-            previous = 0
-            continue
-        assert previous > 0, "a smaller budget fitted after a larger one did not"
-        assert plan.tile <= previous and tiling.estimate_plan_peak_bytes(plan, dtype) <= budget
-        previous = plan.tile
-    assert previous == 0  # the sweep reached budgets too small for any tile
-
-
 def test_planner_too_small_names_both_numbers():
     with pytest.raises(BudgetError, match=r"needs about [\d,]+ MiB .*16×16.* budget is 100 MiB"):
         tiling.plan_decode_tiles(128, 128, torch.float32, 100 * 2**20)
@@ -276,20 +257,36 @@ def test_encode_estimate_grows_with_area():
     )
 
 
+# (size the planner takes, its estimate, the planner, the plan's estimate, budgets swept in GiB)
+PLANNERS = {
+    "decode": (
+        128, tiling.estimate_decode_peak_bytes, tiling.plan_decode_tiles, tiling.estimate_plan_peak_bytes,
+        (8, 5, 3, 2, 1.5, 1.2, 1, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1),
+    ),
+    "encode": (
+        1024, tiling.estimate_encode_peak_bytes, tiling.plan_encode_tiles,
+        tiling.estimate_encode_plan_peak_bytes,
+        (4, 3, 2, 1.5, 1, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05),
+    ),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_encode_planner_monotone_and_within_budget(dtype):
-    whole = tiling.estimate_encode_peak_bytes(1024, 1024, dtype)
-    assert tiling.plan_encode_tiles(1024, 1024, dtype, whole).single
-    assert not tiling.plan_encode_tiles(1024, 1024, dtype, whole - 1).single
+@pytest.mark.parametrize("kind", PLANNERS)
+def test_planner_monotone_and_within_budget(kind, dtype):
+    side, estimate, plan_tiles, plan_peak, budgets = PLANNERS[kind]
+    whole = estimate(side, side, dtype)
+    assert plan_tiles(side, side, dtype, whole).single
+    assert not plan_tiles(side, side, dtype, whole - 1).single
     previous = math.inf
-    for budget in [int(b * GIB) for b in (4, 3, 2, 1.5, 1, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05)]:
+    for budget in [int(b * GIB) for b in budgets]:
         try:
-            plan = tiling.plan_encode_tiles(1024, 1024, dtype, budget)
+            plan = plan_tiles(side, side, dtype, budget)
         except BudgetError:
             previous = 0
             continue
         assert previous > 0, "a smaller budget fitted after a larger one did not"
-        assert plan.tile <= previous and tiling.estimate_encode_plan_peak_bytes(plan, dtype) <= budget
+        assert plan.tile <= previous and plan_peak(plan, dtype) <= budget
         previous = plan.tile
     assert previous == 0  # the sweep reached budgets too small for any tile
 
