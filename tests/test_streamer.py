@@ -217,6 +217,31 @@ def test_host_pool_caps_pinned_bytes():
     assert pool.pageable_bytes == 50
 
 
+def test_a_failed_attach_puts_everything_back(model, monkeypatch):
+    before = snapshot(model)
+    ledger = MemoryLedger()
+    streamer = BlockStreamer(
+        model, budgets(model)["some"], "cpu", activation_bytes=1000, ledger=ledger, name="dit"
+    )
+
+    def out_of_memory(nbytes):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(streamer, "_device_empty", out_of_memory)  # the slots, after placing and packing
+    with pytest.raises(torch.OutOfMemoryError):
+        streamer.attach_()
+    assert not streamer.attached and ledger.owners() == {} and streamer.pool.pageable_bytes == 0
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for key, (value, stride, dtype, device) in before.items():
+        assert torch.equal(after[key][0], value) and after[key][1:] == (stride, dtype, device)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    monkeypatch.undo()
+    with streamer:  # and the same streamer attaches cleanly afterwards
+        got = run(model, X, calls=1)
+    assert torch.equal(got[0], run(model, X, calls=1)[0])
+
+
 def _stand_in_pinned(nbytes):  # pageable memory standing for a pinned arena
     return torch.empty(nbytes, dtype=torch.uint8)
 

@@ -79,9 +79,9 @@ def _sampled(ledger, name: str, progress):
 
 def run_stages(ctx, progress=None) -> list[dict]:
     """Encoder, DiT and VAE decode once each; per-stage seconds, peaks and the freed check."""
-    from pascaline.offload.ledger import MemoryLedger
+    from pascaline.offload.ledger import LIBRARY_WORKSPACE_BYTES, MemoryLedger
 
-    ledger = MemoryLedger(ctx.device)
+    ledger = MemoryLedger(ctx.device, cuda_slack_bytes=LIBRARY_WORKSPACE_BYTES)
     with _sampled(ledger, "encoder", progress):
         caption = _encoder_stage(ledger, ctx)
     with _sampled(ledger, "dit", progress):

@@ -266,14 +266,22 @@ class BlockStreamer:
         self._units = [_Unit(n, m, n in streamed) for n, m in modules]
         self._streamed = [u for u in self._units if u.streamed]
         self._others = _outside(self.model, self._units)
-        self._place_resident_()
-        self.pool.expect(sum(aligned(u.nbytes) for u in self._streamed))
-        for unit in self._streamed:
-            self._pack_(unit)
-        self._slots = [_Slot(self._device_empty(self.plan.slot_bytes)) for _ in range(self.plan.slots)]
-        self._account(self.plan.slots * self.plan.slot_bytes)
-        self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._install_hooks()
+        self._handles = []
+        try:
+            self._place_resident_()
+            self.pool.expect(sum(aligned(u.nbytes) for u in self._streamed))
+            for unit in self._streamed:
+                self._pack_(unit)
+            self._slots = [_Slot(self._device_empty(self.plan.slot_bytes)) for _ in range(self.plan.slots)]
+            self._account(self.plan.slots * self.plan.slot_bytes)
+            self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+            if self.cuda:  # the first copy into a slot must follow whatever freed its memory
+                self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._install_hooks()
+        except BaseException:  # out of memory half-way: put back what was placed or packed
+            self.attached = True
+            self.detach_()
+            raise
         self.attached = True
         return self
 
@@ -293,11 +301,13 @@ class BlockStreamer:
             self._restore_(unit)
         for entry, tensor in self._others:
             entry.bind(_restored(entry, tensor))
-        self._others = []
+        self._others, self._handles = [], []
         if self.ledger is not None:
             self.ledger.release(self.name)
         self._device_bytes = 0
         self.attached = False
+        if self.cuda:  # torch caches freed pinned blocks, still locked: give them back to the OS
+            getattr(torch._C, "_host_emptyCache", lambda: None)()
         return self.model
 
     def __enter__(self) -> BlockStreamer:
@@ -472,8 +482,12 @@ class BlockStreamer:
                 stream.wait_event(slot.released)
             start, end = _timing_event(), _timing_event()
             start.record(stream)
+            pageable = not unit.host.is_pinned()
+            began = time.perf_counter()
             target.copy_(unit.host, non_blocking=True)
             end.record(stream)
+        if pageable:  # the driver copies pageable memory synchronously: the host waited for it
+            self._stall_s += time.perf_counter() - began
         slot.ready = end
         self._events.append(("copy", start, end))
 

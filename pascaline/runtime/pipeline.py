@@ -340,10 +340,10 @@ class Pipeline:
 
     def run(self, options: GenerateOptions, *, callback: sampling.StepCallback | None = None):
         """``generate`` from a ``GenerateOptions``; a None seed becomes a random one."""
-        from pascaline.offload.ledger import MemoryLedger
+        from pascaline.offload.ledger import LIBRARY_WORKSPACE_BYTES, MemoryLedger
 
         options = options.with_seed()
-        ledger = MemoryLedger(self.device)
+        ledger = MemoryLedger(self.device, cuda_slack_bytes=LIBRARY_WORKSPACE_BYTES)
         report = GenerationReport(options.seed, options.width, options.height, options.steps)
         self.last_report = report
         start = time.perf_counter()
@@ -538,21 +538,24 @@ class Pipeline:
         noise = sampling.initial_noise(options.seed, options.height, options.width)
         with ledger.stage("dit"):
             dtype = self.dtypes["dit"]
-            cond = [captions[0].to(self.device, dtype)]
-            negative = [captions[1].to(self.device, dtype)] if len(captions) > 1 else None
             with self._loaded("dit") as model:
                 cap = max(c.shape[0] for c in captions)
                 tokens = token_counts(model.config, options.height, options.width, cap)
                 act = dit_activation_bytes(model.config, tokens, dtype, self._schemes.get("dit"))
                 with self._placed(model, "dit", act, ledger, report):
-                    latent = self._sample(model, noise, cond, negative, init, options, report, callback)
+                    latent = self._sample(model, noise, captions, init, options, report, callback)
         return latent
 
-    def _sample(self, model, noise, cond, negative, init, options, report, callback) -> torch.Tensor:
+    def _sample(self, model, noise, captions, init, options, report, callback) -> torch.Tensor:
+        """The sampler on the device; everything it put there is gone when it returns."""
+
         def on_step(step: int, total: int, sigma: float, latent: torch.Tensor):
             self._report("steps", step, total)
             return None if callback is None else callback(step, total, sigma, latent)
 
+        dtype = self.dtypes["dit"]
+        cond = [captions[0].to(self.device, dtype)]
+        negative = [captions[1].to(self.device, dtype)] if len(captions) > 1 else None
         self._report("steps", 0, options.steps)
         start = time.perf_counter()
         latent = sampling.sample(
@@ -584,9 +587,9 @@ class Pipeline:
         planner counts that half's weights only, so the other half stays on the host."""
         module = getattr(vae.model, part)
         nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-        module.to(self.device)
         ledger.place("vae", nbytes)
-        try:
+        try:  # a move that fails half-way (out of memory) is undone below too
+            module.to(self.device)
             yield vae
         finally:
             module.to("cpu")
