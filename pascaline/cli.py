@@ -472,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     except PascalineError as exc:
         print(f"pascaline: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine's, not ours: a full disk, a folder we may not write
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"pascaline: error: {exc.strerror or exc}{where}.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("pascaline: interrupted", file=sys.stderr)
         return 130

@@ -207,3 +207,15 @@ def test_a_budget_too_small_is_a_line():
     line = _dit_placement(torch.float32, "w8a8", GIB)
     assert line.startswith("DiT at 1024x1024 (w8a8) under 1.00 GiB: does not fit.")
     assert "raise --vram-budget" in line
+
+
+def test_a_full_disk_is_one_sentence_and_exit_2(dit_bf16, tmp_path, monkeypatch, capsys):
+    import pascaline.quant.files as files
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "q.safetensors"))
+
+    monkeypatch.setattr(files, "quantize_file", full_disk)
+    assert main(["quantize", str(dit_bf16), "--out", str(tmp_path / "q.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"pascaline: error: No space left on device ({tmp_path / 'q.safetensors'}).\n"
