@@ -276,7 +276,12 @@ class Pipeline:
         self.files, self.caps, self.budget_bytes = files, caps, budget_bytes
         self.quant, self.dtypes, self.keep_loaded = quant, dtypes, keep_loaded
         self.quant_is_auto = quant_is_auto
-        self._schemes: dict[str, str | None] = {}  # the scheme each component was loaded with
+        # the scheme each component loads with, from the request and the files' own metadata
+        self._schemes: dict[str, str | None] = {
+            "text_encoder": component_quant(files.text_encoder, quant, quant_is_auto),
+            "dit": component_quant(files.dit, quant, quant_is_auto),
+            "vae": None,
+        }
         self._fits: set[tuple[int, int]] = set()  # image sizes whose DiT plan fits the budget
         self.tokenizer, self.progress, self.prefetch = tokenizer, progress, prefetch
         self.device = torch.device(caps.device)
@@ -375,7 +380,7 @@ class Pipeline:
     @property
     def quant_label(self) -> str:
         """The scheme the DiT runs with (a pre-quantized file's own when nothing else was asked)."""
-        return component_quant(self.files.dit, self.quant, self.quant_is_auto) or "none"
+        return self._schemes["dit"] or "none"
 
     def load_(self) -> Pipeline:
         """Load the three models into host RAM now (what ``keep_loaded`` keeps between calls)."""
@@ -400,9 +405,7 @@ class Pipeline:
         return self._models[component]
 
     def _load(self, component: str):
-        path = getattr(self.files, component)
-        quant = None if component == "vae" else component_quant(path, self.quant, self.quant_is_auto)
-        self._schemes[component] = quant
+        quant = self._schemes[component]
         if component == "text_encoder":
             from pascaline.formats.qwen3 import load_text_encoder
 
@@ -428,20 +431,18 @@ class Pipeline:
         needs = {}
         for component in ("text_encoder", "dit", "vae"):
             if component not in self._models:
-                path = getattr(self.files, component)
-                quant = None if component == "vae" else component_quant(path, self.quant, self.quant_is_auto)
-                dtype = self.dtypes[_DTYPE_KEYS[component]]
-                needs[component] = (estimated_host_bytes(path, dtype, quant is not None), quant or dtype)
-        need = sum(n for n, _ in needs.values()) if self.keep_loaded else max((n for n, _ in needs.values()),
-                                                                               default=0)
+                path, dtype = getattr(self.files, component), self.dtypes[_DTYPE_KEYS[component]]
+                needs[component] = estimated_host_bytes(path, dtype, self._schemes[component] is not None)
+        need = sum(needs.values()) if self.keep_loaded else max(needs.values(), default=0)
         if need <= available:
             return
         from pascaline.errors import HostMemoryError
 
-        largest = max(needs, key=lambda c: needs[c][0])
-        what = str(needs[largest][1]).removeprefix("torch.")
+        largest = max(needs, key=needs.get)
+        quant = self._schemes[largest]
+        what = quant or str(self.dtypes[_DTYPE_KEYS[largest]]).removeprefix("torch.")
         held = "the models kept together" if self.keep_loaded else f"the {_COMPONENT_NAMES[largest]} ({what})"
-        hint = "" if self.quant else "; use --quant w8a8 (or int8) to need half or less"
+        hint = "" if quant else "; use --quant w8a8 (or int8) to need half or less"
         raise HostMemoryError(
             f"{held} would need about {format_bytes(need)} of RAM but only {format_bytes(available)} is "
             f"available; close other programs{hint}."
@@ -487,7 +488,7 @@ class Pipeline:
 
         with open_dit_source(self.files.dit) as source:
             cfg = infer_dit_config(source.shapes())
-        quant = component_quant(self.files.dit, self.quant, self.quant_is_auto)
+        quant = self._schemes["dit"]
         # the shortest caption: a longer one only adds its tokens to the real plan's estimate
         plan_dit(cfg, self.dtypes["dit"], quant, *size, cfg.seq_multiple, self.budget_bytes, self.prefetch)
         self._fits.add(size)
@@ -507,7 +508,7 @@ class Pipeline:
             with self._loaded("text_encoder") as encoder:
                 tokens = max(len(ids) for ids in encoder.tokenize(prompts))
                 act = encoder_activation_bytes(
-                    encoder.model.config, tokens, self.dtypes["encoder"], self._schemes.get("text_encoder")
+                    encoder.model.config, tokens, self.dtypes["encoder"], self._schemes["text_encoder"]
                 )
                 with self._placed(encoder.model, "encoder", act, ledger, report):
                     features = [f.to("cpu") for f in encoder.encode(prompts)]
@@ -541,7 +542,7 @@ class Pipeline:
             with self._loaded("dit") as model:
                 cap = max(c.shape[0] for c in captions)
                 tokens = token_counts(model.config, options.height, options.width, cap)
-                act = dit_activation_bytes(model.config, tokens, dtype, self._schemes.get("dit"))
+                act = dit_activation_bytes(model.config, tokens, dtype, self._schemes["dit"])
                 with self._placed(model, "dit", act, ledger, report):
                     latent = self._sample(model, noise, captions, init, options, report, callback)
         return latent
