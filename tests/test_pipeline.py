@@ -236,9 +236,9 @@ def test_auto_settings_follow_the_device_policy(models, monkeypatch):
     p = load_pipeline(models.comfy, device="cpu", keep_loaded=False)
     assert (p.quant, p.budget_bytes, p.dtypes["dit"]) == (None, None, torch.float32)
     monkeypatch.setattr(pipeline_module, "_available_ram", lambda: 1 << 20)
-    assert pipeline_module._decide_keep("auto", p.files, p.dtypes, None) is False
+    assert pipeline_module._decide_keep("auto", p) is False
     monkeypatch.setattr(pipeline_module, "_available_ram", lambda: 1 << 40)
-    assert pipeline_module._decide_keep("auto", p.files, p.dtypes, None) is True
+    assert pipeline_module._decide_keep("auto", p) is True
 
 
 def test_public_api():

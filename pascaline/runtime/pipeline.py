@@ -420,6 +420,15 @@ class Pipeline:
 
         return load_vae(self.files.vae, dtype=self.dtypes["vae"])
 
+    def host_needs(self) -> dict[str, int]:
+        """Estimated host bytes of each model not loaded yet, as it will be loaded."""
+        needs = {}
+        for c in ("text_encoder", "dit", "vae"):
+            if c not in self._models:
+                dtype, quantized = self.dtypes[_DTYPE_KEYS[c]], self._schemes[c] is not None
+                needs[c] = estimated_host_bytes(getattr(self.files, c), dtype, quantized)
+        return needs
+
     def _check_host_ram(self) -> None:
         """Refuse a run that would exhaust the RAM available now, before any weight is read.
 
@@ -428,11 +437,7 @@ class Pipeline:
         available = _available_ram()
         if available is None:
             return
-        needs = {}
-        for component in ("text_encoder", "dit", "vae"):
-            if component not in self._models:
-                path, dtype = getattr(self.files, component), self.dtypes[_DTYPE_KEYS[component]]
-                needs[component] = estimated_host_bytes(path, dtype, self._schemes[component] is not None)
+        needs = self.host_needs()
         need = sum(needs.values()) if self.keep_loaded else max(needs.values(), default=0)
         if need <= available:
             return
@@ -587,8 +592,9 @@ class Pipeline:
         """The VAE's ``part`` ("encoder" or "decoder") on the device for one stage: the tile
         planner counts that half's weights only, so the other half stays on the host."""
         module = getattr(vae.model, part)
-        nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-        ledger.place("vae", nbytes)
+        from pascaline.offload.plan import module_nbytes
+
+        ledger.place("vae", module_nbytes(module))
         try:  # a move that fails half-way (out of memory) is undone below too
             module.to(self.device)
             yield vae
@@ -621,16 +627,13 @@ def _tokenizer(files: ModelFiles, tokenizer):
     )
 
 
-def _decide_keep(keep_loaded: bool | str, files: ModelFiles, dtypes, quant: str | None) -> bool:
+def _decide_keep(keep_loaded: bool | str, pipe: Pipeline) -> bool:
     if keep_loaded != "auto":
         return bool(keep_loaded)
     available = _available_ram()
     if available is None:
         return False
-    need = (estimated_host_bytes(files.text_encoder, dtypes["encoder"], quant is not None)
-            + estimated_host_bytes(files.dit, dtypes["dit"], quant is not None)
-            + estimated_host_bytes(files.vae, dtypes["vae"], False))  # fmt: skip
-    return need <= KEEP_LOADED_SHARE * available
+    return sum(pipe.host_needs().values()) <= KEEP_LOADED_SHARE * available
 
 
 def load_pipeline(
@@ -669,18 +672,17 @@ def load_pipeline(
     files = find_model_files(
         models, dit=dit, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer_path, quant=quant_name
     )
-    dtypes = _dtypes(caps, parse_dtype(dtype))
-    keep = _decide_keep(keep_loaded, files, dtypes, quant_name)
     pipe = Pipeline(
         files,
         caps,
         budget_bytes=budget,
         quant=quant_name,
         quant_is_auto=quant == "auto",
-        dtypes=dtypes,
-        keep_loaded=keep,
+        dtypes=_dtypes(caps, parse_dtype(dtype)),
+        keep_loaded=False,
         tokenizer=_tokenizer(files, tokenizer),
         progress=progress,
         prefetch=prefetch,
     )
-    return pipe.load_() if keep else pipe
+    pipe.keep_loaded = _decide_keep(keep_loaded, pipe)
+    return pipe.load_() if pipe.keep_loaded else pipe
