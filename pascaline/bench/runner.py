@@ -29,6 +29,7 @@ from pascaline.bench.timing import (
     warm_up,
 )
 from pascaline.errors import InvalidArgumentError
+from pascaline.offload.plan import module_nbytes
 from pascaline.runtime.memory import dit_activation_bytes
 
 OWN_SCHEMES = ("int8", "w8a8", "fp8-e4m3", "fp8-e5m2")
@@ -176,12 +177,6 @@ def tight_budget(model, ctx: BenchContext, quant: str | None = None) -> int:
     return other_nbytes(model) + activations + 2 * max(b for _, b in unit_sizes(model)) + (1 << 20)
 
 
-def _model_bytes(model) -> int:
-    from pascaline.offload.plan import module_tensors
-
-    return sum(t.numel() * t.element_size() for *_, t in module_tensors(model))
-
-
 def _placed(model, placement: str, quant: str | None, ctx: BenchContext):
     """Put ``model`` on the device as ``placement`` says; returns (streamer or None, budget)."""
     if placement == "resident":
@@ -238,7 +233,7 @@ def _row(name, quant, ctx, samples, per_block, rss_peak, vram_peak, budget, stre
         per_block = _copy_bound(model, per_block, stream.h2d_gbps)
     full, label = _full_depth(ctx, stats.median, per_block)
     cuda = ctx.device.type == "cuda"
-    own_peak = _model_bytes(model) if stream is None else stream.peak_device_bytes
+    own_peak = module_nbytes(model) if stream is None else stream.peak_device_bytes
     per_it = None if stream is None else stream.h2d_bytes // max(1, stream.forwards)
     return {
         "strategy": name,

@@ -164,6 +164,11 @@ def module_tensors(module) -> Iterator[tuple[object, str, bool, object]]:
                 yield owner, name, is_param, tensor
 
 
+def module_nbytes(module) -> int:
+    """Bytes of every parameter and buffer of ``module``, each tensor once."""
+    return sum(t.numel() * t.element_size() for *_, t in module_tensors(module))
+
+
 def packed_nbytes(module) -> int:
     """Bytes of one contiguous buffer holding all of ``module``'s tensors, each aligned."""
     return sum(aligned(t.numel() * t.element_size()) for *_, t in module_tensors(module))
