@@ -203,7 +203,8 @@ class FinalLayer(nn.Module):
         return self.linear(F.layer_norm(x, (x.shape[-1],), eps=1e-6) * scale)
 
 
-def _round_up(n: int, multiple: int) -> int:
+def padded_length(n: int, multiple: int) -> int:
+    """``n`` tokens padded up to a multiple of ``multiple`` (what the forward pads to)."""
     return n + (-n) % multiple
 
 
@@ -272,7 +273,7 @@ class ZImageDiT(nn.Module):
         n = (h // p) * (w // p)
         patches = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n, p * p * c)
         img = self.x_embedder(patches)  # [B, N, dim]
-        pad = _round_up(n, self.config.seq_multiple) - n
+        pad = padded_length(n, self.config.seq_multiple) - n
         if pad:
             img = torch.cat([img, self.x_pad_token.to(img.dtype).expand(b, pad, -1)], dim=1)
         return img, n
@@ -280,7 +281,7 @@ class ZImageDiT(nn.Module):
     def _embed_captions(self, cap_feats, dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
         # B x [L_i, cap_dim] -> [B, max Lp_i, dim] (learned pad up to Lp_i, zeros after), [Lp_i]
         lens = [len(f) for f in cap_feats]
-        padded = [_round_up(n, self.config.seq_multiple) for n in lens]
+        padded = [padded_length(n, self.config.seq_multiple) for n in lens]
         emb = self.cap_embedder(torch.cat(list(cap_feats)).to(dtype))  # [sum L_i, dim]
         out = emb.new_zeros(len(lens), max(padded), emb.shape[-1])
         pad_token = self.cap_pad_token.to(emb.dtype)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pascaline.models.zimage_dit import padded_length
+
 # Bytes per element of a compute or storage dtype, by name (torch dtypes are accepted too).
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
@@ -34,10 +36,6 @@ class TokenCounts:
         return self.image_padded + self.caption_padded
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return n + (-n) % multiple
-
-
 def token_counts(cfg, height: int, width: int, caption_tokens: int) -> TokenCounts:
     """Token counts for an image of ``height x width`` pixels (latent /8, patch 2) and a caption."""
     cell = 8 * cfg.patch_size
@@ -45,7 +43,7 @@ def token_counts(cfg, height: int, width: int, caption_tokens: int) -> TokenCoun
         raise ValueError(f"image size {width}x{height} must be a positive multiple of {cell}")
     n = (height // cell) * (width // cell)
     return TokenCounts(
-        n, _round_up(n, cfg.seq_multiple), caption_tokens, _round_up(caption_tokens, cfg.seq_multiple)
+        n, padded_length(n, cfg.seq_multiple), caption_tokens, padded_length(caption_tokens, cfg.seq_multiple)
     )
 
 
