@@ -121,11 +121,11 @@ def _policy_lines(caps) -> list[str]:
         compute_dtype,
         default_budget,
         default_quant,
+        dtype_name,
         format_bytes,
     )
 
-    names = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-    dtypes = {c: names[str(compute_dtype(caps, c)).removeprefix("torch.")] for c in ("dit", "encoder", "vae")}
+    dtypes = {c: dtype_name(compute_dtype(caps, c)) for c in ("dit", "encoder", "vae")}
     quant, budget = default_quant(caps), default_budget(caps)
     if budget is None:
         budget_text = "none (no VRAM limit on the CPU)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pascaline.bench import counters
+from pascaline.runtime.device import dtype_name
 from pascaline.runtime.memory import dit_activation_bytes
 
 TERA = 1e12
@@ -79,10 +80,6 @@ class Projection:
         return dict(self.__dict__)
 
 
-def _dtype_name(dtype) -> str:
-    return {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}[str(dtype)]
-
-
 def _rate(spec: GpuSpec, dtype: str) -> float:
     # bf16 is emulated below sm_80 (legacy-gpus.md §6): never the policy's pick there
     return {"fp32": spec.fp32_tflops, "fp16": spec.fp16_tflops}[dtype] * TERA
@@ -124,7 +121,7 @@ def project(
     from pascaline.runtime.device import DeviceCaps, compute_dtype, default_budget
 
     caps = DeviceCaps.preset(spec.preset)
-    dtype = _dtype_name(compute_dtype(caps, "dit"))
+    dtype = dtype_name(compute_dtype(caps, "dit"))
     storage = quant or dtype
     tokens = counters.token_counts(cfg, resolution, resolution, caption_tokens)
     flops = counters.forward_flops(cfg, tokens)

@@ -28,6 +28,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from pascaline.runtime.device import dtype_name
+
 GIB = 1 << 30
 
 
@@ -85,13 +87,10 @@ def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
 
 
-_SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
 def _result_row(label: str, r: dict, h2d: str, overlap: str, vs: str) -> list[str]:
     s = r["s_per_it"]
     return [
-        label, _SHORT_DTYPES.get(r["compute_dtype"], r["compute_dtype"]), _s(s["median"]), _s(s["min"]),
+        label, dtype_name(r["compute_dtype"]), _s(s["median"]), _s(s["min"]),
         _s(s["max"]), _s(r["s_per_it_full_depth"]), _gib(r["peak_vram_bytes"]), _gib(r["peak_rss_bytes"]),
         h2d, overlap, vs,
     ]  # fmt: skip

@@ -30,6 +30,7 @@ from pascaline.bench.timing import (
 )
 from pascaline.errors import InvalidArgumentError
 from pascaline.offload.plan import module_nbytes
+from pascaline.runtime.device import dtype_name
 from pascaline.runtime.memory import dit_activation_bytes
 
 OWN_SCHEMES = ("int8", "w8a8", "fp8-e4m3", "fp8-e5m2")
@@ -145,10 +146,6 @@ def resolve(options: BenchOptions, caps) -> BenchContext:
     )  # fmt: skip
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-
 def _depths(cfg) -> dict[str, int]:
     return {"layers": cfg.n_layers, "noise_refiner": cfg.n_refiner_layers,
             "context_refiner": cfg.n_refiner_layers}  # fmt: skip
@@ -166,7 +163,7 @@ def _tokens(ctx: BenchContext) -> counters.TokenCounts:
 
 
 def _activations(ctx: BenchContext, quant: str | None) -> int:
-    return dit_activation_bytes(ctx.cfg, _tokens(ctx), _dtype_name(ctx.dit_dtype), quant)
+    return dit_activation_bytes(ctx.cfg, _tokens(ctx), dtype_name(ctx.dit_dtype), quant)
 
 
 def tight_budget(model, ctx: BenchContext, quant: str | None = None) -> int:
@@ -237,7 +234,7 @@ def _row(name, quant, ctx, samples, per_block, rss_peak, vram_peak, budget, stre
     per_it = None if stream is None else stream.h2d_bytes // max(1, stream.forwards)
     return {
         "strategy": name,
-        "compute_dtype": _dtype_name(ctx.dit_dtype),
+        "compute_dtype": dtype_name(ctx.dit_dtype),
         "quant": quant,
         "s_per_it": stats.as_dict(),
         "s_per_it_full_depth": full,
@@ -344,7 +341,7 @@ def _run_strategies(ctx: BenchContext, want_baseline: bool, progress) -> tuple[l
     for quant, names in by_scheme.items():
         if progress:
             progress(
-                f"building a {ctx.cfg.n_layers}-layer real-width DiT ({quant or _dtype_name(ctx.dit_dtype)})"
+                f"building a {ctx.cfg.n_layers}-layer real-width DiT ({quant or dtype_name(ctx.dit_dtype)})"
             )
         model, ours = _build(ctx, quant), None
         for name in names:

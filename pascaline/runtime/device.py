@@ -295,6 +295,15 @@ def parse_bytes(value: str | int | float) -> int:
     return int(number * _UNITS[unit])
 
 
+_SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def dtype_name(dtype) -> str:
+    """``torch.float32`` or ``"float32"`` -> ``"fp32"`` (fp16, bf16 alike), for reports and messages."""
+    name = str(dtype).removeprefix("torch.")
+    return _SHORT_DTYPES.get(name, name)
+
+
 def format_bytes(n: int | float) -> str:
     """``7516192768 -> "7.00 GiB"``, for messages."""
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
