@@ -20,6 +20,7 @@ import torch
 from pascaline.errors import ConfigError, InvalidArgumentError, WeightsError, WrongModelError
 from pascaline.formats.detect import describe, guess_kind
 from pascaline.formats.materialize import load_state_
+from pascaline.formats.recipes import FLOAT8, SCALE_SUFFIXES, dequantize_scaled, is_scale_or_marker
 from pascaline.formats.safetensors_io import WeightSource
 from pascaline.models.qwen3_encoder import (
     Qwen3Encoder,
@@ -38,10 +39,6 @@ DIFFUSERS_MAX_TOKENS = 512
 TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 PAD_ID = 151643  # <|endoftext|>
 
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_WEIGHT_SCALES = (".scale_weight", ".weight_scale")  # ComfyUI's old and new names
-# Activation scales of ComfyUI fp8 files: unused once weights are widened to floats.
-_INPUT_SCALES = (".scale_input", ".input_scale")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
@@ -125,16 +122,10 @@ def _check_quant_format(source: WeightSource, key: str) -> None:
 def _dequantized(source: WeightSource, key: str, tensor: torch.Tensor) -> torch.Tensor:
     """An fp8 weight times its per-tensor (or per-row) ComfyUI scale, in float32."""
     module = key.removesuffix(".weight")
-    scale_key = next((module + s for s in _WEIGHT_SCALES if module + s in source), None)
+    scale_key = next((module + s for s in SCALE_SUFFIXES if module + s in source), None)
     if scale_key is None:
         return tensor  # plain fp8: load_state_ widens it exactly
-    scale = source.get(scale_key).float()
-    if scale.numel() not in (1, tensor.shape[0]):
-        raise WeightsError(
-            f"{source.path}: {scale_key} has {scale.numel()} values for a weight of "
-            f"{tensor.shape[0]} rows; only per-tensor or per-row fp8 scales are supported."
-        )
-    return tensor.float() * scale.reshape(-1, 1)
+    return dequantize_scaled(tensor, source.get(scale_key), f"{source.path}: {key}")
 
 
 def iter_encoder_tensors(source: WeightSource, cfg: Qwen3EncoderConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -146,12 +137,12 @@ def iter_encoder_tensors(source: WeightSource, cfg: Qwen3EncoderConfig) -> Itera
         if name.endswith(".comfy_quant"):
             _check_quant_format(source, key)
             continue
-        if name == "scaled_fp8" or name.endswith(_WEIGHT_SCALES + _INPUT_SCALES):
+        if is_scale_or_marker(name):
             continue  # fp8 marker and scales: consumed with their weight below
         if name in skip:
             continue
         tensor = source.get(key)
-        if tensor.dtype in _FP8 and name.endswith(".weight"):
+        if tensor.dtype in FLOAT8 and name.endswith(".weight"):
             tensor = _dequantized(source, key, tensor)
         yield name, tensor
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +25,14 @@ import torch
 from pascaline.errors import ConfigError, InvalidArgumentError, WrongModelError
 from pascaline.formats.detect import describe
 from pascaline.formats.materialize import load_state_
+from pascaline.formats.recipes import (
+    Recipe,
+    combine,
+    convert,
+    convert_shapes,
+    is_scale_or_marker,
+    scaled_recipe,
+)
 from pascaline.formats.safetensors_io import WeightSource
 from pascaline.models.zimage_dit import VARIANTS, ZImageDiT, ZImageDiTConfig
 from pascaline.quant.schemes import resolve_scheme
@@ -40,20 +47,10 @@ DIFFUSERS_RENAMES = (
     (".attention.norm_k.", ".attention.k_norm."),
 )
 _QKV = re.compile(r"(?P<block>.+)\.attention\.to_(?P<part>[qkv])\.weight")
-# ComfyUI entries that are not weights of the model: Lumina2 relic, fp8 markers, input scales
-_COMFY_DROPPED = ("norm_final.weight", "scaled_fp8")
-_COMFY_DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
-_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# ComfyUI entries that are not weights of the model: a Lumina2 relic, layout records
+_COMFY_DROPPED = ("norm_final.weight",)
+_COMFY_DROPPED_SUFFIXES = (".comfy_quant",)
 _BLOCK_GROUPS = ("noise_refiner", "context_refiner", "layers")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one canonical tensor is made: ``copy`` one source, ``fuse`` q/k/v, ``dequant`` fp8 * scale."""
-
-    op: str
-    sources: tuple[str, ...]
 
 
 def detect_dit_format(keys) -> str | None:
@@ -95,12 +92,10 @@ def plan_comfy(keys) -> dict[str, Recipe]:
     """canonical key -> Recipe for a ComfyUI single file (prefix, stray keys, scaled fp8)."""
     names = _comfy_names(keys)
     plan: dict[str, Recipe] = {}
-    for name, key in names.items():
-        if name in _COMFY_DROPPED or name.endswith(_COMFY_DROPPED_SUFFIXES + _SCALE_SUFFIXES):
+    for name in names:
+        if name in _COMFY_DROPPED or name.endswith(_COMFY_DROPPED_SUFFIXES) or is_scale_or_marker(name):
             continue
-        module = name.removesuffix(".weight")
-        scale = next((names[module + s] for s in _SCALE_SUFFIXES if module + s in names), None)
-        plan[name] = Recipe("dequant", (key, scale)) if scale else Recipe("copy", (key,))
+        plan[name] = scaled_recipe(name, names)
     return plan
 
 
@@ -113,45 +108,19 @@ def plan_dit(keys) -> dict[str, Recipe]:
     return plan_diffusers(keys) if fmt == "diffusers" else plan_comfy(keys)
 
 
-def combine(recipe: Recipe, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Apply a Recipe to its source tensors (in ``recipe.sources`` order)."""
-    if recipe.op == "copy":
-        return tensors[0]
-    if recipe.op == "fuse":
-        return torch.cat(tensors, dim=0)  # [3*dim, dim] = cat(q, k, v)
-    weight, scale = tensors
-    if weight.dtype not in _FLOAT8:
-        raise WrongModelError(f"{recipe.sources[0]} is stored as {weight.dtype} with a scale: a ComfyUI "
-                              "quantized layout pascaline does not read; use the bf16 or fp8 file.")
-    scale = scale.float()
-    if scale.ndim == 1 and scale.numel() == weight.shape[0] > 1:
-        scale = scale[:, None]  # per-row scales
-    return weight.float() * scale
-
-
-def _combine_shape(recipe: Recipe, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
-    if recipe.op == "fuse":
-        return (sum(s[0] for s in shapes), *shapes[0][1:])
-    return tuple(shapes[0])
-
-
-def _convert(sd: Mapping[str, torch.Tensor], plan: dict[str, Recipe]) -> dict[str, torch.Tensor]:
-    return {key: combine(r, [sd[s] for s in r.sources]) for key, r in plan.items()}
-
-
 def convert_diffusers_dit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers ``ZImageTransformer2DModel`` state dict -> canonical (pure; tensors are shared)."""
-    return _convert(sd, plan_diffusers(sd))
+    return convert(sd, plan_diffusers(sd))
 
 
 def convert_comfy_dit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ComfyUI single-file state dict -> canonical (pure; prefix stripped, fp8 dequantized)."""
-    return _convert(sd, plan_comfy(sd))
+    return convert(sd, plan_comfy(sd))
 
 
 def canonical_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of any supported form -> canonical names and shapes."""
-    return {k: _combine_shape(r, [shapes[s] for s in r.sources]) for k, r in plan_dit(shapes).items()}
+    return convert_shapes(shapes, plan_dit(shapes))
 
 
 def iter_dit_tensors(source: WeightSource | str | Path) -> Iterator[tuple[str, torch.Tensor]]:
