@@ -26,6 +26,7 @@ def _add_info(sub) -> None:
         f"card, how the DiT is placed at {INFO_SIZE}x{INFO_SIZE} under the default budget. "
         "No weights are read.",
     )
+    p.add_argument("--model", metavar="NAME", help=f"the placement of this model only ({_variants_help()})")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     where.add_argument(
@@ -58,9 +59,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("cuda      not available (CPU only)")
     caps = caps or DeviceCaps.probe(args.device)
     print()
-    for line in (*_caps_lines(caps, preset=bool(args.card)), *_policy_lines(caps)):
+    models = _info_models(args.model)
+    for line in (*_caps_lines(caps, preset=bool(args.card)), *_policy_lines(caps, models)):
         print(line)
     return 0
+
+
+def _variants_help() -> str:
+    from pascaline.families import variant_names
+
+    return ", ".join(variant_names())
+
+
+def _info_models(name: str | None) -> list[str]:
+    """The variants whose placement ``info`` prints: the one asked for, else every one."""
+    from pascaline.families import resolve_variant, variant_names
+
+    if name is None:
+        return list(variant_names())
+    resolve_variant(name)  # an unknown name is one sentence
+    return [name]
 
 
 def _preset_caps(name: str):
@@ -115,7 +133,7 @@ def _caps_lines(caps, preset: bool) -> list[str]:
     return [*lines, f"quirks    {quirks[0]}", *(f"          {q}" for q in quirks[1:])]
 
 
-def _policy_lines(caps) -> list[str]:
+def _policy_lines(caps, models: list[str]) -> list[str]:
     from pascaline.runtime.device import (
         attention_backend,
         compute_dtype,
@@ -142,21 +160,23 @@ def _policy_lines(caps) -> list[str]:
         f"budget    {budget_text}",
     ]
     if caps.is_cuda:
-        lines.append(_dit_placement(compute_dtype(caps, "dit"), quant, budget))
+        lines += [_dit_placement(compute_dtype(caps, "dit"), quant, budget, m) for m in models]
     return lines
 
 
-def _dit_placement(dtype, quant: str | None, budget: int) -> str:
-    """How ``generate`` places the real DiT at INFO_SIZE² under ``budget``, planned on ``meta``."""
-    from pascaline.bench.synthetic import CAPTION_TOKENS
+def _dit_placement(dtype, quant: str | None, budget: int, model: str) -> str:
+    """How ``generate`` places ``model``'s published diffusion model at INFO_SIZE² under ``budget``,
+    planned on ``meta`` with the conditioning length of a typical prompt."""
     from pascaline.errors import BudgetError
-    from pascaline.models.zimage_dit import VARIANTS
+    from pascaline.families import resolve_variant
     from pascaline.runtime.device import format_bytes
     from pascaline.runtime.memory import plan_dit
 
-    head = f"DiT at {INFO_SIZE}x{INFO_SIZE} ({quant or 'unquantized'}) under {format_bytes(budget)}"
+    family, variant = resolve_variant(model)
+    cfg, tokens = variant.dit_config, family.typical_cond_tokens(variant.dit_config)
+    head = f"{model}: DiT at {INFO_SIZE}x{INFO_SIZE} ({quant or 'unquantized'}) under {format_bytes(budget)}"
     try:  # the pipeline's own build, estimate (W8A8/dequant workspace included) and planner
-        plan = plan_dit(VARIANTS["z-image-turbo"], dtype, quant, INFO_SIZE, INFO_SIZE, CAPTION_TOKENS, budget)
+        plan = plan_dit(family, cfg, dtype, quant, INFO_SIZE, INFO_SIZE, tokens, budget)
     except BudgetError as exc:
         return f"{head}: does not fit. {exc}"
     slots = f", {plan.slots} slots of {format_bytes(plan.slot_bytes)}" if plan.streamed else ""
@@ -177,32 +197,67 @@ _PHASES = {
 }
 
 
+def _component_flags() -> dict[str, str]:
+    """``{role: help}`` of every component role beside the diffusion model, across the families."""
+    from pascaline.families import all_families
+
+    labels: dict[str, list[str]] = {}
+    for family in all_families():
+        for c in family.components:
+            if c.stage != "dit":
+                labels.setdefault(c.role, []).append(c.label)
+    return {role: " or ".join(dict.fromkeys(names)) for role, names in labels.items()}
+
+
+def _optional_roles() -> dict[str, str]:
+    from pascaline.families import all_families
+
+    return {c.role: f"{f.label}: run without the {c.label}" for f in all_families() for c in f.components
+            if c.optional}  # fmt: skip
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="make images from a prompt",
-        description="Make images from a prompt with Z-Image Turbo and write them as PNG files "
-        "that carry their settings.",
+        description="Make images from a prompt and write them as PNG files that carry their settings. "
+        "Options left out take the model's defaults (pascaline models DIR shows them).",
     )
     p.add_argument("prompt", help="what the image shows")
     p.add_argument("--models", metavar="DIR", help="a ComfyUI models/ folder or a diffusers snapshot")
-    p.add_argument("--dit", metavar="PATH", help="the Z-Image DiT file or folder (instead of the one in DIR)")
-    p.add_argument("--text-encoder", metavar="PATH", help="the Qwen3-4B text encoder file or folder")
-    p.add_argument("--vae", metavar="PATH", help="the FLUX.1 VAE file or folder")
-    p.add_argument("--tokenizer", metavar="DIR", help="a Qwen tokenizer folder (default: found offline)")
+    p.add_argument("--model", metavar="NAME", help=f"which model and its defaults: {_variants_help()} "
+                   "(default: the one family the folder holds)")
+    p.add_argument("--dit", metavar="PATH", help="the diffusion model file or folder (a fine-tune, say), "
+                   "instead of the one in DIR")
+    for role, label in _component_flags().items():
+        p.add_argument(f"--{role.replace('_', '-')}", metavar="PATH", dest=f"component_{role}",
+                       help=f"the {label} file or folder, instead of the one in DIR")
+    for role, text in _optional_roles().items():
+        p.add_argument(f"--no-{role.replace('_', '-')}", action="append_const", const=role, dest="without",
+                       help=text)
+    p.set_defaults(without=None)
+    p.add_argument("--tokenizer", metavar="DIR", help="a tokenizer folder (default: found offline)")
     p.add_argument("--out", default="out.png", metavar="FILE.png", help="output file (default: out.png)")
     p.add_argument("--count", type=int, default=1, help="images to make, seeds SEED..SEED+N-1 (default 1)")
-    p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (default 1024)")
-    p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (default 1024)")
+    p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (default: the model's)")
+    p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (default: the model's)")
     p.add_argument("--aspect", metavar="W:H", help="aspect ratio such as 3:2, instead of --width/--height")
     p.add_argument("--megapixels", type=float, metavar="MP", help="image area with --aspect (default 1.0)")
-    p.add_argument("--steps", type=int, default=8, help="sampler steps (default 8)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's, e.g. 8 for Z-Image Turbo)")
     p.add_argument("--seed", type=int, help="seed of the starting noise (default: random, printed)")
-    p.add_argument("--sampler", default="res_multistep", help="res_multistep (default) or euler")
-    p.add_argument("--scheduler", default="linear", help="linear (default, diffusers) or simple (ComfyUI)")
-    p.add_argument("--shift", type=float, default=3.0, help="time shift of the schedule (default 3.0)")
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale as in ComfyUI (default 1 = off)")
+    p.add_argument("--sampler", help="res_multistep, euler or dpmpp_2m (default: the model's)")
+    p.add_argument("--scheduler", help="linear (diffusers' sigmas), simple, or for SD3 also normal and "
+                   "sgm_uniform (ComfyUI's) (default: the model's)")
+    p.add_argument("--shift", type=float, help="time shift of the schedule (default: the model's, 3.0)")
+    p.add_argument("--cfg", type=float, help="guidance scale as in ComfyUI, 1 = off (default: the model's)")
     p.add_argument("--negative", metavar="TEXT", help="negative prompt (used only when --cfg is not 1)")
+    p.add_argument("--zero-negative", action="store_const", const="zero", dest="negative_mode",
+                   help="without --negative, guide against the zeroed prompt (ComfyUI's ConditioningZeroOut) "
+                   "instead of the model's default")
+    p.add_argument("--slg-layers", metavar="LIST", help="SD3.5 skip-layer guidance: blocks, e.g. 7,8,9")
+    p.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (0 = off)")
+    p.add_argument("--slg-start", type=float, help="skip-layer guidance starts at this share of the schedule")
+    p.add_argument("--slg-end", type=float, help="skip-layer guidance ends at this share of the schedule")
     p.add_argument("--blind-start", type=int, default=0, metavar="K", help="first K steps unconditioned")
     p.add_argument("--init-image", metavar="FILE", help="start from this image (img2img, with --denoise)")
     p.add_argument("--denoise", type=float, default=1.0, help="share of the schedule to run (default 1)")
@@ -262,28 +317,53 @@ def _summary(reports, seconds: float) -> str:
     )
 
 
+def _slg_layers(text: str | None) -> tuple[int, ...] | None:
+    from pascaline.errors import InvalidArgumentError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InvalidArgumentError(f"--slg-layers takes block numbers such as 7,8,9, not {text!r}.") from None
+
+
+def _options_from_args(args: argparse.Namespace):
+    from pascaline.runtime.pipeline import GenerateOptions
+    from pascaline.runtime.sizing import resolve_size
+
+    sized = any(v is not None for v in (args.width, args.height, args.aspect, args.megapixels))
+    size = (args.width, args.height, args.aspect, args.megapixels)
+    width, height = resolve_size(*size) if sized else (None, None)
+    return GenerateOptions(
+        args.prompt, args.negative, width, height, args.steps, args.seed, args.sampler, args.scheduler,
+        args.shift, args.cfg, args.blind_start, args.init_image, args.denoise,
+        negative_mode=args.negative_mode, slg_layers=_slg_layers(args.slg_layers), slg_scale=args.slg_scale,
+        slg_start=args.slg_start, slg_end=args.slg_end,
+    ).with_seed()  # fmt: skip
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     from pascaline.runtime.images import output_paths, save_png
-    from pascaline.runtime.pipeline import GenerateOptions, load_pipeline
-    from pascaline.runtime.sizing import resolve_size
+    from pascaline.runtime.pipeline import load_pipeline
 
     start = time.perf_counter()
     # Every option is checked before any weights are read.
-    width, height = resolve_size(args.width, args.height, args.aspect, args.megapixels)
     paths = output_paths(args.out, args.count)
-    options = GenerateOptions(
-        args.prompt, args.negative, width, height, args.steps, args.seed, args.sampler, args.scheduler,
-        args.shift, args.cfg, args.blind_start, args.init_image, args.denoise,
-    ).with_seed()  # fmt: skip
+    options = _options_from_args(args)
     options.with_seed(options.seed + args.count - 1)  # the last seed must be in range too
+    components = {k.removeprefix("component_"): v for k, v in vars(args).items()
+                  if k.startswith("component_") and v is not None}  # fmt: skip
     bars = _ProgressBars()
     try:
         pipe = load_pipeline(
-            args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
-            device=args.device, vram_budget=args.vram_budget, quant=args.quant, progress=bars,
+            args.models, model=args.model, dit=args.dit, components=components,
+            without=tuple(args.without or ()), tokenizer=args.tokenizer, device=args.device,
+            vram_budget=args.vram_budget, quant=args.quant, progress=bars,
         )  # fmt: skip
+        options = pipe.resolve(options)  # the model's defaults, checked before any image is made
         reports = []
         for i, path in enumerate(paths):
             image_options = options.with_seed(options.seed + i) if i else options
@@ -291,7 +371,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             save_png(image, path, pipe.metadata(image_options))
             reports.append(pipe.last_report)
             bars.close()
-            print(f"{path}  seed {image_options.seed}  {width}x{height}", flush=True)
+            print(f"{path}  seed {image_options.seed}  {options.width}x{options.height}", flush=True)
     finally:
         bars.close()
     print(_summary(reports, time.perf_counter() - start))
@@ -418,8 +498,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pascaline.errors import InvalidArgumentError, MissingFileError
-    from pascaline.quant.files import quantize_file
     from pascaline.runtime.device import format_bytes
+    from pascaline.runtime.quantize import quantize_file
 
     start = time.perf_counter()
     src = Path(args.source).expanduser()

@@ -14,9 +14,10 @@ from safetensors.torch import load_file, save_file
 from pascaline.cli import _dit_placement, main
 from pascaline.formats.safetensors_io import WeightSource
 from pascaline.formats.zimage_dit import load_dit
-from pascaline.quant import quantize_file, scheme_from_metadata
+from pascaline.quant import scheme_from_metadata
 from pascaline.quant.qlinear import QLinear
 from pascaline.runtime.device import GIB, format_bytes
+from pascaline.runtime.quantize import quantize_file
 from tests.factories.dit import save_diffusers_dit
 from tests.factories.qwen3 import make_qwen3, save_comfy
 
@@ -145,7 +146,7 @@ def test_source_is_closed_when_quantizing_the_model_fails(dit_bf16, tmp_path, mo
     monkeypatch.setattr(files, "quantize_", broken)
     with pytest.raises(RuntimeError, match="boom"):
         quantize_file(dit_bf16, tmp_path / "q.safetensors", "int8")
-    assert closed == [dit_bf16]
+    assert closed == [dit_bf16, dit_bf16]  # the header probe, then the source it quantized
     assert os.listdir(tmp_path) == []
 
 
@@ -204,13 +205,13 @@ def test_info_on_this_machine(capsys):
 
 
 def test_a_budget_too_small_is_a_line():
-    line = _dit_placement(torch.float32, "w8a8", GIB)
-    assert line.startswith("DiT at 1024x1024 (w8a8) under 1.00 GiB: does not fit.")
+    line = _dit_placement(torch.float32, "w8a8", GIB, "z-image-turbo")
+    assert line.startswith("z-image-turbo: DiT at 1024x1024 (w8a8) under 1.00 GiB: does not fit.")
     assert "raise --vram-budget" in line
 
 
 def test_a_full_disk_is_one_sentence_and_exit_2(dit_bf16, tmp_path, monkeypatch, capsys):
-    import pascaline.quant.files as files
+    import pascaline.runtime.quantize as files
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "q.safetensors"))

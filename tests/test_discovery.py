@@ -75,7 +75,8 @@ def test_explicit_paths_are_checked(tmp_path):
                              text_encoder=root / "text_encoders" / "qwen_3_4b.safetensors",
                              vae=root / "vae" / "ae.safetensors")
     assert files.root is None
-    with pytest.raises(WrongModelError, match="looks like the FLUX.1 VAE, but the Z-Image DiT was expected"):
+    expected = r"looks like the FLUX.1 VAE, but a diffusion model \(Z-Image DiT"
+    with pytest.raises(WrongModelError, match=expected):
         find_model_files(root, dit=root / "vae" / "ae.safetensors")
 
 

@@ -79,7 +79,7 @@ def test_streamed_equals_resident(models, resident_image):
     streamed = load_pipeline(models.comfy, device="cpu", quant="none", vram_budget="24MiB", keep_loaded=False)
     image = streamed.generate(PROMPT, width=32, height=32, seed=3, steps=3, output="tensor")
     plans = streamed.last_report.plans
-    assert " 0 streamed" in plans["encoder"] and " 0 streamed" not in plans["dit"]
+    assert " 0 streamed" in plans["text_encoder"] and " 0 streamed" not in plans["dit"]
     assert (image - resident_image).abs().max().item() <= 1e-5
     dit_stage = next(s for s in streamed.last_report.stages if s["name"] == "dit")
     assert dit_stage["peak_placed_bytes"] <= 24 * 2**20
@@ -184,10 +184,10 @@ def test_metadata_names_models_and_settings(models, pipe):
         (dict(width=100), "multiple of 16"),
         (dict(width=8192), "out of range"),
         (dict(steps=0), "at least 1"),
-        (dict(sampler="dpmpp_2m"), "unknown sampler"),
+        (dict(sampler="heun"), "unknown sampler"),
         (dict(scheduler="karras"), "unknown scheduler"),
         (dict(denoise=0.5), "needs an init image"),
-        (dict(blind_start=8), "blind start"),
+        (dict(blind_start=8, steps=8), "blind start"),
         (dict(seed=-1), "out of range"),
         (dict(output="jpeg"), "output"),
         (dict(init_image="/nonexistent.png"), "does not exist"),
@@ -211,7 +211,7 @@ def test_not_enough_host_ram_is_a_user_error_before_any_load(models, monkeypatch
     p = load_pipeline(models.comfy, device="cpu", quant="none", keep_loaded=False)
     dit_bytes = pipeline_module.estimated_host_bytes(p.files.dit, torch.float32, False)
     monkeypatch.setattr(pipeline_module, "_available_ram", lambda: dit_bytes - 1)
-    with pytest.raises(HostMemoryError, match=r"the DiT \(float32\) would need .* use --quant w8a8"):
+    with pytest.raises(HostMemoryError, match=r"the Z-Image DiT \(float32\) would need .* use --quant w8a8"):
         p.generate(PROMPT, width=32, height=32, seed=1, steps=1)
     assert p.last_report.stages == [] and not p._models
     # one model at a time: the largest must fit; kept models are needed at once: their sum must

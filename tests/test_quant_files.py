@@ -24,8 +24,9 @@ from pascaline.formats.materialize import load_state_
 from pascaline.formats.qwen3 import build_encoder, canonical_key, infer_encoder_config, iter_encoder_tensors
 from pascaline.formats.safetensors_io import WeightSource
 from pascaline.formats.zimage_dit import load_dit
-from pascaline.quant import keep_dtype_keys, quantize_, quantize_file, scheme_from_metadata
+from pascaline.quant import keep_dtype_keys, quantize_, scheme_from_metadata
 from pascaline.quant.files import float_shapes
+from pascaline.runtime.quantize import quantize_file
 from tests.factories.dit import save_diffusers_dit
 from tests.factories.qwen3 import make_qwen3, save_comfy
 

@@ -285,8 +285,9 @@ def test_missing_tokenizer_fails_before_loading(files, monkeypatch):
 
 
 def test_pascaline_quantized_file_loads(tmp_path, files, ref, tok):
-    quant = pytest.importorskip("pascaline.quant")
-    result = quant.quantize_file(files["comfy"], tmp_path / "te_int8.safetensors", "int8")
+    from pascaline.runtime.quantize import quantize_file
+
+    result = quantize_file(files["comfy"], tmp_path / "te_int8.safetensors", "int8")
     te = load_text_encoder(result.path, dtype=torch.float32, tokenizer=tok)
     assert type(te.model.layers[0].mlp.up_proj).__name__ == "QLinear" and len(te.model.layers) == 2
     on_load = load_text_encoder(files["comfy"], dtype=torch.float32, tokenizer=tok, quant="int8")

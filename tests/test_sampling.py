@@ -296,9 +296,9 @@ def test_initial_noise_is_the_documented_draw():
 def test_run_argument_errors():
     noise = torch.zeros(1, 16, 2, 2)
     with pytest.raises(
-        InvalidArgumentError, match="unknown sampler 'dpmpp_2m'; choose one of euler, res_multistep"
+        InvalidArgumentError, match="unknown sampler 'heun'; choose one of dpmpp_2m, euler, res_multistep"
     ):
-        sample(constant(0.0), noise, None, sampler="dpmpp_2m")
+        sample(constant(0.0), noise, None, sampler="heun")
     with pytest.raises(InvalidArgumentError, match="blind start"):
         sample(constant(0.0), noise, None, blind_start=8)
     with pytest.raises(InvalidArgumentError, match="steps"):

@@ -14,10 +14,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from pascaline.families.zimage import TYPICAL_CAPTION_TOKENS
 from pascaline.models.zimage_dit import VARIANTS, ZImageDiT, ZImageDiTConfig
 
 FULL_DEPTH = (30, 2)  # main layers, refiner layers (each of noise_refiner / context_refiner)
-CAPTION_TOKENS = 64
+CAPTION_TOKENS = TYPICAL_CAPTION_TOKENS
 REAL_DIM = VARIANTS["z-image-turbo"].dim
 CHUNK = 1 << 22  # elements per fill step for dtypes normal_ cannot write directly (fp8)
 

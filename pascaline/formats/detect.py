@@ -1,7 +1,10 @@
 """Say what a set of weights is, from key names and shapes only (never file names).
 
-Loaders use this for their error messages: "x.safetensors looks like the FLUX VAE,
-not a Z-Image DiT" is an answer a user can act on.
+Loaders use this for their error messages ("x.safetensors looks like the FLUX VAE, not
+a Z-Image DiT" is an answer a user can act on) and discovery to sort a folder's files.
+``guess_kind`` names the one model a mapping holds; ``contents`` splits a bundled
+checkpoint (an SD3 file holds its MMDiT, VAE and text encoders under key prefixes) into
+the kinds it holds, each with its prefix.
 """
 
 from __future__ import annotations
@@ -55,6 +58,40 @@ def guess_kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
     if conv_in is not None and len(conv_in) == 4:
         return "flux-vae" if conv_in[1] == 16 else "sd-vae"
     return "unknown"
+
+
+# Prefixes under which a bundled (original / ComfyUI) checkpoint stores its components.
+BUNDLE_PREFIXES = (
+    "model.diffusion_model.",
+    "first_stage_model.",
+    "text_encoders.clip_l.transformer.",
+    "text_encoders.clip_g.transformer.",
+    "text_encoders.t5xxl.transformer.",
+    "conditioner.",
+    "cond_stage_model.",
+)
+
+
+def contents(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+    """``{kind: key prefix}`` of every model a ``{key: shape}`` mapping holds.
+
+    A file without bundle prefixes holds one model (prefix ``""``, or the one its own
+    loader strips, such as Z-Image's ``model.diffusion_model.``); a bundled checkpoint
+    gives one entry per prefix. Kinds that are not models (``unknown``) are left out.
+    """
+    groups: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        prefix = next((p for p in BUNDLE_PREFIXES if key.startswith(p)), "")
+        groups.setdefault(prefix, {})[key[len(prefix):]] = shape
+    if set(groups) <= {"", "model.diffusion_model."} and len(groups) == 1:
+        kind = guess_kind(shapes)
+        return {} if kind == "unknown" else {kind: next(iter(groups))}
+    found: dict[str, str] = {}
+    for prefix, group in groups.items():
+        kind = guess_kind(group)
+        if kind != "unknown" and kind not in found:
+            found[kind] = prefix
+    return found
 
 
 def describe(shapes: Mapping[str, tuple[int, ...]]) -> str:

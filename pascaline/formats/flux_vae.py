@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -159,11 +160,15 @@ def load_vae(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     allow_fp16: bool = False,
+    latent=None,
 ) -> FluxVAE:
-    """Load the FLUX.1 VAE (BFL file, diffusers ``vae/`` folder or snapshot root).
+    """Load a 16-channel FLUX.1-architecture VAE (BFL file, diffusers ``vae/`` folder or snapshot root).
 
     ``dtype`` is float32 (default, as the official pipeline) or bfloat16; float16 is
-    refused unless ``allow_fp16`` (the FLUX AE overflows in it).
+    refused unless ``allow_fp16`` (the FLUX AE overflows in it). ``latent`` (an object
+    with ``scale`` and ``shift``, a family's ``LatentFormat``) sets the latent format: the
+    file does not say whether it is FLUX's AE or SD3's, the diffusion model's family does.
+    None keeps FLUX.1's (scale 0.3611, shift 0.1159).
     """
     check_dtype(dtype, allow_fp16)
     path = resolve_vae_path(path)
@@ -177,6 +182,8 @@ def load_vae(
         )
     names = diffusers_key_map(list(shapes)) if is_diffusers_form(shapes) else {k: k for k in shapes}
     config = infer_vae_config({names[k]: _bfl_shape(names[k], s) for k, s in shapes.items()})
+    if latent is not None:
+        config = replace(config, scale_factor=float(latent.scale), shift_factor=float(latent.shift))
     with torch.device("meta"):
         model = FluxAutoEncoder(config)
 

@@ -156,6 +156,13 @@ def _as_float_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int,
     return float_shapes(shapes)
 
 
+def quantize_source(path: str | Path):
+    """``(WeightSource, meta Qwen3Encoder, tensors())`` for ``pascaline quantize``."""
+    source = WeightSource(resolve_encoder_path(path))
+    cfg = infer_encoder_config({canonical_key(k): s for k, s in source.shapes().items()})
+    return source, build_encoder(cfg), lambda: iter_encoder_tensors(source, cfg)
+
+
 def load_text_encoder(
     path,
     *,

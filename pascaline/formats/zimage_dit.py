@@ -222,3 +222,13 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
         load_state_(model, iter_dit_tensors(source), dtype=dtype, device=device, source=str(source.path),
                     keep_dtype=keep)
     return model.requires_grad_(False).eval()
+
+
+def quantize_source(path: str | Path):
+    """``(WeightSource, meta ZImageDiT, tensors())`` for ``pascaline quantize``: the canonical
+    tensors one at a time, in the model the loader builds."""
+    source = open_dit_source(path)
+    cfg = infer_dit_config(source.shapes())
+    with torch.device("meta"):
+        model = ZImageDiT(cfg)
+    return source, model, lambda: iter_dit_tensors(source)

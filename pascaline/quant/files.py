@@ -1,11 +1,14 @@
-"""Pre-quantized files: ``quantize_file(src, dst, scheme)`` (the body of ``pascaline quantize``).
+"""Pre-quantized files: write a model's tensors quantized under a scheme, one tensor at a time.
 
-The source (a Z-Image DiT or the Qwen3 encoder, in any form its loader reads) is read
-one tensor at a time through that loader's own converter, so the output uses the
-canonical key names the loader fills and the same model-building code decides what is
-quantized. Each float weight of a ``QLinear``/``QEmbedding`` is quantized as it arrives
-(``state_from_float``); everything else is written as it is. The output is a safetensors
-file whose metadata records the format version, model kind and scheme::
+``write_quantized(source, model, tensors, dst, scheme, kind)`` is the body of
+``pascaline quantize``; the caller (``runtime.quantize.quantize_file``) asks the model's
+family for the source (any form its loader reads), the meta-built model the loader
+builds and its canonical tensor stream, so the output uses the canonical key names the
+loader fills and the same model-building code decides what is quantized. This module
+knows tensors and schemes, never a model family. Each float weight of a
+``QLinear``/``QEmbedding`` is quantized as it arrives (``state_from_float``); everything
+else is written as it is. The output is a safetensors file whose metadata records the
+format version, model kind and scheme::
 
     {"pascaline": '{"format_version": 1, "model": "zimage-dit", "scheme": {"name": "int8"}}'}
 
@@ -27,11 +30,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pascaline.errors import InvalidArgumentError, MissingFileError, StateDictError, WrongModelError
-from pascaline.formats.detect import describe, guess_kind
+from pascaline.errors import InvalidArgumentError, MissingFileError, StateDictError
 from pascaline.formats.safetensors_io import DTYPES, WeightSource
 from pascaline.quant.api import quantize_
-from pascaline.quant.schemes import OWN_SCHEMES, file_metadata, read_file_metadata, scheme_from_name
+from pascaline.quant.schemes import (
+    OWN_SCHEMES,
+    file_metadata,
+    read_file_metadata,
+    scheme_from_dict,
+    scheme_from_name,
+)
 
 _TAGS = {dtype: tag for tag, dtype in DTYPES.items()}
 _LONGEST_TAG = max(_TAGS.values(), key=len)
@@ -67,52 +75,6 @@ def float_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...
             continue
         out[key] = shape
     return out
-
-
-def _open_dit(path: Path) -> tuple[WeightSource, nn.Module, Callable[[], Tensors]]:
-    from pascaline.formats.zimage_dit import infer_dit_config, iter_dit_tensors, open_dit_source
-    from pascaline.models.zimage_dit import ZImageDiT
-
-    source = open_dit_source(path)
-    cfg = infer_dit_config(source.shapes())
-    with torch.device("meta"):
-        model = ZImageDiT(cfg)
-    return source, model, lambda: iter_dit_tensors(source)
-
-
-def _open_encoder(path: Path) -> tuple[WeightSource, nn.Module, Callable[[], Tensors]]:
-    from pascaline.formats.qwen3 import (
-        build_encoder,
-        canonical_key,
-        infer_encoder_config,
-        iter_encoder_tensors,
-        resolve_encoder_path,
-    )
-
-    source = WeightSource(resolve_encoder_path(path))
-    cfg = infer_encoder_config({canonical_key(k): s for k, s in source.shapes().items()})
-    return source, build_encoder(cfg), lambda: iter_encoder_tensors(source, cfg)
-
-
-_FAMILIES = {"zimage-dit": _open_dit, "qwen3-encoder": _open_encoder}
-
-
-def _kind_of(path: Path) -> str:
-    # a diffusers snapshot root stands for its DiT, then its text encoder
-    folder = next((path / s for s in ("transformer", "text_encoder") if (path / s).is_dir()), path)
-    probe = WeightSource(folder)
-    record = read_file_metadata(probe.metadata)
-    if record is not None and record.get("scheme") is not None:
-        raise InvalidArgumentError(f"{path} is already quantized ({record['scheme']}); quantize the "
-                                   "original bf16 or fp32 file instead.")
-    shapes = probe.shapes()
-    kind = guess_kind(shapes)
-    if kind not in _FAMILIES:
-        raise WrongModelError(
-            f"{path} holds {describe(shapes)}; pascaline quantize reads a Z-Image DiT or a Qwen3 "
-            "text encoder (bf16, fp32 or fp8 safetensors)."
-        )
-    return kind
 
 
 def _header_bytes(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
@@ -179,7 +141,8 @@ def _write_stream(f, model: nn.Module, tensors: Tensors, metadata: dict[str, str
     return len(entries)
 
 
-def _target(src: Path, dst: Path) -> Path:
+def check_target(src: Path, dst: Path) -> Path:
+    """The output path, refused when it is a folder, in a missing folder, or the source itself."""
     dst = Path(dst).expanduser()
     if dst.is_dir():
         raise InvalidArgumentError(f"{dst} is a folder; give the output file's name, e.g. "
@@ -191,29 +154,38 @@ def _target(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_file(src, dst, scheme, progress: Progress | None = None) -> QuantizeResult:
-    """Write ``src`` (a Z-Image DiT or Qwen3 encoder) quantized under ``scheme`` to ``dst``.
-
-    ``scheme``: ``Int8WeightOnly()``, ``Int8Dynamic()``, ``Fp8WeightOnly(...)`` or a name
-    (``"int8" | "w8a8" | "fp8-e4m3" | "fp8-e5m2"``). ``progress(done, total)`` is called after
-    each tensor written, ``total`` being the number of tensors the output holds. A bad or
-    unsupported source raises a ``PascalineError`` and leaves no output file.
-    """
-    src = Path(src).expanduser()
+def check_scheme(scheme):
+    """A scheme (or its name) that can be written to a file."""
     scheme = scheme_from_name(scheme) if isinstance(scheme, str) else scheme
     if not isinstance(scheme, OWN_SCHEMES):
         scheme.to_metadata()  # optional backends: raises the "cannot be written" message
-    if not src.exists():
-        raise MissingFileError(f"{src} does not exist.")
-    dst = _target(src, dst)
-    kind = _kind_of(src)
-    source, model, tensors = _FAMILIES[kind](src)
+    return scheme
+
+
+def refuse_quantized(metadata, path: Path) -> None:
+    """A source that is already a pascaline-quantized file is refused (no double rounding)."""
+    record = read_file_metadata(metadata)
+    if record is not None and record.get("scheme") is not None:
+        name = scheme_from_dict(record["scheme"]).name
+        raise InvalidArgumentError(f"{path} is already quantized ({name}); quantize the original bf16 or "
+                                   "fp32 file instead.")
+
+
+def write_quantized(source: WeightSource, model: nn.Module, tensors: Callable[[], Tensors], src: Path,
+                    dst: Path, scheme, kind: str, progress: Progress | None = None) -> QuantizeResult:
+    """Write ``tensors()`` of ``model`` (built on meta) quantized under ``scheme`` to ``dst``.
+
+    ``kind`` is the model kind recorded in the metadata. ``progress(done, total)`` is called
+    after each tensor written. A bad source raises a ``PascalineError`` and leaves no file.
+    """
+    scheme = check_scheme(scheme)
+    dst = check_target(Path(src), dst)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
     with source:
         quantize_(model, scheme)
         try:
             with tmp.open("wb") as f:
-                count = _write_stream(f, model, tensors(), file_metadata(kind, scheme), src, progress)
+                count = _write_stream(f, model, tensors(), file_metadata(kind, scheme), Path(src), progress)
             os.replace(tmp, dst)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ from pascaline.errors import InvalidArgumentError, MissingFileError
 METADATA_KEY = "pascaline"
 PARAMETERS_KEY = "parameters"
 METADATA_VERSION = 1
+_ROLE_LABELS = {"text_encoder": "Text encoder", "vae": "VAE"}  # others: clip_l -> CLIP-L
 _MIB = 1 << 20
 
 
@@ -88,12 +89,26 @@ def generation_metadata(
     quant: str | None = None,
     blind_start: int = 0,
     denoise: float = 1.0,
+    family: str | None = None,
+    variant: str | None = None,
+    guidance: Mapping[str, Any] | None = None,
+    without: list[str] | None = None,
 ) -> dict[str, Any]:
     """The settings of one image as a JSON-ready dict (what the ``pascaline`` chunk holds).
 
-    ``models`` maps a role (``dit``, ``text_encoder``, ``vae``) to the file or folder used.
+    ``models`` maps a role (``dit``, ``text_encoder``, ``clip_l``, ``vae``...) to the file or
+    folder used; ``family``/``variant`` name the model; ``guidance`` holds the family's
+    guidance settings (negative mode, skip-layer guidance); ``without`` the optional
+    components the run left out (``["t5"]``).
     """
-    return {
+    extra: dict[str, Any] = {}
+    if family is not None:
+        extra |= {"family": family, "variant": variant}
+    if guidance:
+        extra |= dict(guidance)
+    if without:
+        extra["without"] = list(without)
+    return extra | {
         "format_version": METADATA_VERSION, "pascaline_version": __version__,
         "prompt": prompt, "negative": negative or "", "seed": int(seed), "sampler": sampler,
         "scheduler": scheduler, "steps": int(steps), "shift": float(shift), "cfg": float(cfg),
@@ -130,9 +145,18 @@ def format_parameters(meta: Mapping[str, Any]) -> str:
     if meta.get("blind_start"):
         fields.append(("Blind start", meta["blind_start"]))
     fields.append(("Quant", meta.get("quant", "none")))
-    for role, label in (("text_encoder", "Text encoder"), ("vae", "VAE")):
-        if role in models:
-            fields += [(label, _stem(models[role])), (f"{label} quickhash", models[role]["quickhash"])]
+    if meta.get("variant"):
+        fields.append(("Model family", meta["variant"]))
+    if meta.get("slg_scale") and meta.get("slg_layers"):
+        layers = ",".join(str(i) for i in meta["slg_layers"])
+        window = f"{meta['slg_start']}-{meta['slg_end']}"
+        fields.append(("SLG", f"layers {layers} scale {meta['slg_scale']} {window}"))
+    for role, record in models.items():
+        if role != "dit":
+            label = _ROLE_LABELS.get(role, role.replace("_", "-").upper())
+            fields += [(label, _stem(record)), (f"{label} quickhash", record["quickhash"])]
+    if meta.get("without"):
+        fields.append(("Without", ",".join(meta["without"])))
     fields.append(("Version", f"pascaline {meta['pascaline_version']}"))
     lines = [meta["prompt"]]
     if meta.get("negative"):

@@ -83,22 +83,19 @@ def encoder_activation_bytes(config, tokens: int, compute, quant: str | None = N
     return int((block + scores) * 1.25) + workspace
 
 
-def plan_dit(cfg, dtype, quant: str | None, width: int, height: int, caption_tokens: int, budget: int | None,
-             prefetch: int = 1):
-    """The ``OffloadPlan`` of a DiT of ``cfg`` at ``width x height``, planned on ``meta`` (no weights).
+def plan_dit(family, cfg, dtype, quant: str | None, width: int, height: int, cond_tokens: int,
+             budget: int | None, prefetch: int = 1, batch: int = 1):
+    """The ``OffloadPlan`` of ``family``'s diffusion model of ``cfg`` at ``width x height``, planned
+    on ``meta`` (no weights).
 
     The same model build, quantization and estimate as a real run, so a budget too small
     is found before any stage starts. Raises ``BudgetError`` like the real plan.
     """
-    import torch
-
-    from pascaline.models.zimage_dit import ZImageDiT
     from pascaline.offload.plan import plan_for_model
     from pascaline.quant import quantize_, scheme_from_name
 
-    with torch.device("meta"):
-        model = ZImageDiT(cfg).to(dtype)
+    model = family.meta_dit(cfg, dtype)
     if quant is not None:
         quantize_(model, scheme_from_name(quant))
-    tokens = token_counts(cfg, height, width, caption_tokens)
-    return plan_for_model(model, budget, dit_activation_bytes(cfg, tokens, dtype, quant), prefetch)
+    activations = family.dit_activation_bytes(cfg, width, height, cond_tokens, dtype, quant, batch)
+    return plan_for_model(model, budget, activations, prefetch)

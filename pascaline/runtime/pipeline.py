@@ -1,162 +1,48 @@
-"""The one orchestrator: prompt -> caption features -> latent -> image, stage by stage.
+"""The one orchestrator: prompt -> conditioning -> latent -> image, stage by stage, for every family.
 
     pipe = load_pipeline("~/ComfyUI/models", device="cuda", vram_budget="7GiB", quant="int8")
     image = pipe.generate("a lighthouse at dusk", seed=42)  # PIL.Image
 
 Each ``generate`` runs three stages in turn, each alone on the device and under the VRAM
-budget: the text encoder (its decoder layers streamed when they do not fit), the DiT
-(blocks streamed through the ``BlockStreamer`` per ``plan_placement``), the VAE decode
-(tiled under the budget). A stage places its model when it starts and frees it when it
-ends; a fresh ``MemoryLedger`` per call records each stage's time and memory
-(``pipe.last_report``). Between calls the loaded (possibly quantized) models stay in host
-RAM when they fit comfortably, else they are read from disk again for every call.
-
-This file is longer than the house 400 lines because the options, the stages and the
-loader share one vocabulary and are only ever read together.
+budget: the encoder stage (each of the family's text encoders in turn, its layers streamed
+when they do not fit, then freed), the diffusion model (blocks streamed through the
+``BlockStreamer`` per ``plan_placement``), the VAE decode (tiled under the budget). A stage
+places its model when it starts and frees it when it ends; a fresh ``MemoryLedger`` per
+call records each stage's time and memory (``pipe.last_report``). Between calls the loaded
+(possibly quantized) models stay in host RAM when they fit comfortably, else they are read
+from disk again for every call. What differs between families (components, loaders,
+conditioning, the model call, defaults) comes from the family declaration
+(``pascaline.families``); nothing here names a family.
 """
 
 from __future__ import annotations
 
 import gc
 import math
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pascaline.errors import InvalidArgumentError
+from pascaline.errors import BudgetError, InvalidArgumentError
+from pascaline.families.base import Family, LoadContext, Located, Variant
 from pascaline.runtime import sampling
 from pascaline.runtime.device import DeviceCaps, format_bytes
 from pascaline.runtime.discovery import ModelFiles, find_model_files
-from pascaline.runtime.memory import dit_activation_bytes, encoder_activation_bytes, plan_dit, token_counts
-from pascaline.runtime.sizing import validate_size
+from pascaline.runtime.options import OUTPUTS, GenerateOptions, GenerationReport
+
+__all__ = ["OUTPUTS", "GenerateOptions", "GenerationReport", "Pipeline", "load_pipeline"]
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total): "load", "encode", "steps", "decode"
-OUTPUTS = ("pil", "tensor", "latent")
 QUANT_NAMES = ("none", "int8", "w8a8", "fp8-e4m3", "fp8-e5m2")
-SEED_RANGE = 2**64
-RANDOM_SEED_RANGE = 2**32  # random seeds stay short enough to type back
 # Keep the models in host RAM between calls when they take at most this share of the RAM
 # that was available when the pipeline was loaded.
 KEEP_LOADED_SHARE = 0.5
-_DTYPE_KEYS = {"text_encoder": "encoder", "dit": "dit", "vae": "vae"}
-_COMPONENT_NAMES = {"text_encoder": "text encoder", "dit": "DiT", "vae": "VAE"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class GenerateOptions:
-    """Every setting of one image; validated on construction (one sentence per mistake).
-
-    ``seed=None`` means "pick one at random when generating"; ``init_image`` is a path or a
-    ``[1, 3, H, W]`` tensor in [-1, 1] and is needed for ``denoise < 1``.
-    """
-
-    prompt: str
-    negative_prompt: str | None = None
-    width: int = 1024
-    height: int = 1024
-    steps: int = 8
-    seed: int | None = None
-    sampler: str = "res_multistep"
-    scheduler: str = "linear"
-    shift: float = 3.0
-    cfg: float = 1.0
-    blind_start: int = 0
-    init_image: str | Path | torch.Tensor | None = None
-    denoise: float = 1.0
-    output: str = "pil"
-
-    def __post_init__(self):
-        if not isinstance(self.prompt, str):
-            raise InvalidArgumentError(f"the prompt must be text, not {type(self.prompt).__name__}.")
-        validate_size(self.width, self.height)
-        if not _whole(self.steps) or self.steps < 1:
-            raise InvalidArgumentError(f"steps must be a whole number of at least 1, not {self.steps!r}.")
-        if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < SEED_RANGE):
-            raise InvalidArgumentError(
-                f"seed {self.seed!r} is out of range; use a whole number from 0 to 2**64-1."
-            )
-        sampling.get_sampler(self.sampler)
-        sampling.sigma_schedule(1, 1.0, scheduler=self.scheduler)
-        if not _number(self.shift) or self.shift <= 0:
-            raise InvalidArgumentError(f"shift must be a positive number, not {self.shift!r}.")
-        if not _number(self.cfg) or self.cfg < 0:
-            raise InvalidArgumentError(f"cfg must be a number of 0 or more (1 = off), not {self.cfg!r}.")
-        if not _whole(self.blind_start) or not 0 <= self.blind_start < self.steps:
-            raise InvalidArgumentError(
-                f"blind start must be a whole number from 0 to steps - 1 ({self.steps - 1}), "
-                f"not {self.blind_start!r}."
-            )
-        self._check_img2img()
-        if self.output not in OUTPUTS:
-            raise InvalidArgumentError(
-                f"output {self.output!r} is unknown; choose one of {', '.join(OUTPUTS)}."
-            )
-
-    def _check_img2img(self) -> None:
-        if not _number(self.denoise) or not 0 < self.denoise <= 1:
-            raise InvalidArgumentError(f"denoise must be above 0 and at most 1, not {self.denoise!r}.")
-        if self.denoise < 1 and self.init_image is None:
-            raise InvalidArgumentError(
-                f"denoise {self.denoise} needs an init image; give one, or set denoise 1."
-            )
-        if isinstance(self.init_image, (str, Path)) and not Path(self.init_image).is_file():
-            raise InvalidArgumentError(f"init image {self.init_image} does not exist; check the path.")
-
-    def with_seed(self, seed: int | None = None) -> GenerateOptions:
-        """The same options with ``seed`` (a random one when None and none is set)."""
-        if seed is None:
-            seed = self.seed if self.seed is not None else secrets.randbelow(RANDOM_SEED_RANGE)
-        return replace(self, seed=seed)
-
-
-@dataclass
-class GenerationReport:
-    """Time and memory of one ``generate`` call (``Pipeline.last_report``)."""
-
-    seed: int
-    width: int
-    height: int
-    steps: int
-    seconds: float = 0.0
-    sampling_seconds: float = 0.0
-    stages: list[dict] = field(default_factory=list)
-    plans: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def s_per_it(self) -> float:
-        return self.sampling_seconds / max(self.steps, 1)
-
-    @property
-    def peak_vram_bytes(self) -> int | None:
-        """Largest measured (CUDA) or own-accounted device peak of a stage; None on the CPU."""
-        if not self.stages or self.stages[0].get("cuda_peak_allocated_bytes") is None:
-            return None
-        return max(s["peak_vram_bytes"] for s in self.stages)
-
-    @property
-    def peak_rss_bytes(self) -> int | None:
-        peaks = [s["peak_rss_bytes"] for s in self.stages if s.get("peak_rss_bytes") is not None]
-        return max(peaks) if peaks else None
-
-    @property
-    def all_freed(self) -> bool:
-        return all(s["freed"] for s in self.stages)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -221,25 +107,32 @@ def component_quant(path: Path, quant: str | None, auto: bool) -> str | None:
     return quant
 
 
-def _dtypes(caps: DeviceCaps, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+def stage_dtypes(caps: DeviceCaps, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The compute dtype of each stage (``encoder``, ``dit``, ``vae``): the policy, or ``dtype``."""
     from pascaline.runtime.device import compute_dtype
 
     out = {c: compute_dtype(caps, c) for c in ("encoder", "dit", "vae")}
     if dtype is not None:
         out["encoder"] = out["dit"] = dtype
-        if dtype != torch.float16:  # the FLUX VAE turns black in fp16: keep the policy's
+        if dtype != torch.float16:  # the 16-channel AEs turn black in fp16: keep the policy's
             out["vae"] = dtype
     return out
 
 
-def estimated_host_bytes(path: Path, dtype: torch.dtype, quantized: bool) -> int:
-    """Host bytes of a component once loaded: 1 byte per weight of a large matrix when quantized."""
+def estimated_host_bytes(where: Path | Located, dtype: torch.dtype, quantized: bool) -> int:
+    """Host bytes of a component once loaded: 1 byte per weight of a large matrix when quantized.
+
+    ``where`` with a key prefix (a component bundled in a checkpoint) counts that component only.
+    """
     from pascaline.formats.safetensors_io import WeightSource
 
+    where = where if isinstance(where, Located) else Located(Path(where))
     size = torch.empty((), dtype=dtype).element_size()
-    with WeightSource(path) as source:
+    with WeightSource(where.path) as source:
         total = 0
-        for shape in source.shapes().values():
+        for key, shape in source.shapes().items():
+            if where.prefix and not key.startswith(where.prefix):
+                continue
             n = math.prod(shape)
             total += n * (1 if quantized and len(shape) == 2 and n >= 1 << 20 else size)
     return total
@@ -257,7 +150,7 @@ def _available_ram() -> int | None:
 
 
 class Pipeline:
-    """Z-Image Turbo text-to-image over one device; build it with ``load_pipeline``."""
+    """One family's text-to-image over one device; build it with ``load_pipeline``."""
 
     def __init__(
         self,
@@ -268,86 +161,77 @@ class Pipeline:
         quant: str | None,
         dtypes: dict[str, torch.dtype],
         keep_loaded: bool,
+        variant: Variant | None = None,
         quant_is_auto: bool = False,
-        tokenizer,
+        tokenizers: dict[str, Any] | None = None,
         progress: Progress | None = None,
         prefetch: int = 1,
+        batch_cfg: bool | str = "auto",
     ):
         self.files, self.caps, self.budget_bytes = files, caps, budget_bytes
+        self.family: Family = files.family
+        self.variant: Variant = variant or self.family.variant(None)
         self.quant, self.dtypes, self.keep_loaded = quant, dtypes, keep_loaded
         self.quant_is_auto = quant_is_auto
         # the scheme each component loads with, from the request and the files' own metadata
         self._schemes: dict[str, str | None] = {
-            "text_encoder": component_quant(files.text_encoder, quant, quant_is_auto),
-            "dit": component_quant(files.dit, quant, quant_is_auto),
-            "vae": None,
-        }
+            role: component_quant(files.where(role).path, quant if self.family.component(role).quantized
+                                  else None, quant_is_auto)
+            for role in files.roles
+        }  # fmt: skip
         self._fits: set[tuple[int, int]] = set()  # image sizes whose DiT plan fits the budget
-        self.tokenizer, self.progress, self.prefetch = tokenizer, progress, prefetch
+        self._dit_config = None
+        self.tokenizers = tokenizers or {}
+        self.progress, self.prefetch, self.batch_cfg = progress, prefetch, batch_cfg
         self.device = torch.device(caps.device)
         self.last_report: GenerationReport | None = None
         self._models: dict[str, Any] = {}
-        self._captions: tuple[tuple, list[torch.Tensor]] | None = None
+        self._captions: tuple[tuple, list] | None = None
 
     def __repr__(self) -> str:
         budget = "none" if self.budget_bytes is None else format_bytes(self.budget_bytes)
         return (
-            f"Pipeline(device={self.device}, budget={budget}, quant={self.quant or 'none'}, "
+            f"Pipeline({self.variant.name}, device={self.device}, budget={budget}, "
+            f"quant={self.quant or 'none'}, "
             f"dit={self.files.dit.name}, keep_loaded={self.keep_loaded})"
         )
 
     # --- public ---------------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        width: int = 1024,
-        height: int = 1024,
-        steps: int = 8,
-        seed: int | None = None,
-        sampler: str = "res_multistep",
-        scheduler: str = "linear",
-        shift: float = 3.0,
-        cfg: float = 1.0,
-        blind_start: int = 0,
-        init_image=None,
-        denoise: float = 1.0,
-        output: str = "pil",
-        callback: sampling.StepCallback | None = None,
-    ):
+    def generate(self, prompt: str, *, callback: sampling.StepCallback | None = None, **options):
         """One image for ``prompt``: a PIL image, or ``output="tensor"`` (fp32 ``[1, 3, H, W]``
-        in [-1, 1]) or ``"latent"`` (fp32 ``[1, 16, H/8, W/8]``, no decode).
+        in [-1, 1]) or ``"latent"`` (fp32 ``[1, C, H/8, W/8]``, no decode).
 
-        ``seed=None`` picks a random seed (``pipe.last_report.seed`` tells which); the same
-        seed gives the same starting noise as ComfyUI and diffusers. ``callback(step, total,
-        sigma, latent)`` runs after every sampler step; returning False cancels the run
-        (``sampling.Cancelled`` is raised, the models are freed as usual).
+        ``options`` are the fields of ``GenerateOptions`` (``negative_prompt``, ``width``,
+        ``height``, ``steps``, ``seed``, ``sampler``, ``scheduler``, ``shift``, ``cfg``,
+        ``blind_start``, ``init_image``, ``denoise``, ``output``, ``negative_mode``, ``slg_*``);
+        those left out take the variant's defaults. ``seed=None`` picks a random seed
+        (``pipe.last_report.seed`` tells which); the same seed gives the same starting noise as
+        ComfyUI and diffusers. ``callback(step, total, sigma, latent)`` runs after every sampler
+        step; returning False cancels the run (``sampling.Cancelled`` is raised, the models are
+        freed as usual).
         """
-        options = GenerateOptions(
-            prompt,
-            negative_prompt,
-            width,
-            height,
-            steps,
-            seed,
-            sampler,
-            scheduler,
-            shift,
-            cfg,
-            blind_start,
-            init_image,
-            denoise,
-            output,
-        )
-        return self.run(options, callback=callback)
+        try:
+            spec = GenerateOptions(prompt, **options)
+        except TypeError as exc:
+            raise InvalidArgumentError(f"generate got an option it does not know ({exc}).") from None
+        return self.run(spec, callback=callback)
+
+    def resolve(self, options: GenerateOptions) -> GenerateOptions:
+        """``options`` with the variant's defaults filled in and checked against the family."""
+        options = options.resolved(self.variant.defaults)
+        self.family.check_sampling(options.sampler, options.scheduler)
+        options.check_blind_start()
+        if options.slg_scale and options.slg_layers and not self.family.supports_skip_layers:
+            raise InvalidArgumentError(f"skip-layer guidance is an SD3.5 option; {self.family.label} has no "
+                                       "skip layers.")
+        return options
 
     def run(self, options: GenerateOptions, *, callback: sampling.StepCallback | None = None):
         """``generate`` from a ``GenerateOptions``; a None seed becomes a random one."""
         from pascaline.offload.ledger import LIBRARY_WORKSPACE_BYTES, MemoryLedger
 
-        options = options.with_seed()
+        options = self.resolve(options).with_seed()
         ledger = MemoryLedger(self.device, cuda_slack_bytes=LIBRARY_WORKSPACE_BYTES)
         report = GenerationReport(options.seed, options.width, options.height, options.steps)
         self.last_report = report
@@ -355,9 +239,9 @@ class Pipeline:
         try:
             self._check_host_ram()
             self._check_dit_fits(options)
-            captions = self._encode_stage(options, ledger, report)
+            conds = self._encode_stage(options, ledger, report)
             init = self._vae_encode_stage(options, ledger) if options.init_image is not None else None
-            latent = self._dit_stage(options, captions, init, ledger, report, callback)
+            latent = self._dit_stage(options, conds, init, ledger, report, callback)
             result = latent if options.output == "latent" else self._decode_stage(latent, options, ledger)
         finally:
             report.seconds = time.perf_counter() - start
@@ -370,25 +254,33 @@ class Pipeline:
 
         if options.seed is None:
             raise InvalidArgumentError("metadata needs the seed the image was made with.")
-        models = {"dit": self.files.dit, "text_encoder": self.files.text_encoder, "vae": self.files.vae}
+        o = self.resolve(options)
+        models = {role: where.path for role, where in self.files.located.items()}
+        guidance = {"negative_mode": o.negative_mode}
+        if self.family.supports_skip_layers:
+            guidance |= {"slg_layers": list(o.slg_layers or ()), "slg_scale": o.slg_scale,
+                         "slg_start": o.slg_start, "slg_end": o.slg_end}  # fmt: skip
         return generation_metadata(
-            prompt=options.prompt, negative=options.negative_prompt, seed=options.seed, width=options.width,
-            height=options.height, models=models, sampler=options.sampler, scheduler=options.scheduler,
-            steps=options.steps, shift=options.shift, cfg=options.cfg, quant=self.quant_label,
-            blind_start=options.blind_start, denoise=options.denoise)  # fmt: skip
+            prompt=o.prompt, negative=o.negative_prompt, seed=o.seed, width=o.width, height=o.height,
+            models=models, sampler=o.sampler, scheduler=o.scheduler, steps=o.steps, shift=o.shift, cfg=o.cfg,
+            quant=self.quant_label, blind_start=o.blind_start, denoise=o.denoise, family=self.family.name,
+            variant=self.variant.name, guidance=guidance,
+            without=[c.role for c in self.family.components if c.role not in self.files.located],
+        )  # fmt: skip
 
     @property
     def quant_label(self) -> str:
-        """The scheme the DiT runs with (a pre-quantized file's own when nothing else was asked)."""
-        return self._schemes["dit"] or "none"
+        """The scheme the diffusion model runs with (a pre-quantized file's own when none was asked)."""
+        return self._schemes[self.family.dit.role] or "none"
 
     def load_(self) -> Pipeline:
-        """Load the three models into host RAM now (what ``keep_loaded`` keeps between calls)."""
+        """Load every component into host RAM now (what ``keep_loaded`` keeps between calls)."""
         self._check_host_ram()
-        for i, component in enumerate(("text_encoder", "dit", "vae")):
-            self._report("load", i, 3)
-            self._model(component)
-        self._report("load", 3, 3)
+        roles = self.files.roles
+        for i, role in enumerate(roles):
+            self._report("load", i, len(roles))
+            self._model(role)
+        self._report("load", len(roles), len(roles))
         return self
 
     def unload_(self) -> None:
@@ -399,35 +291,20 @@ class Pipeline:
 
     # --- models ---------------------------------------------------------------------------
 
-    def _model(self, component: str):
-        if component not in self._models:
-            self._models[component] = self._load(component)
-        return self._models[component]
+    def _stage_dtype(self, role: str) -> torch.dtype:
+        return self.dtypes[self.family.component(role).stage]
 
-    def _load(self, component: str):
-        quant = self._schemes[component]
-        if component == "text_encoder":
-            from pascaline.formats.qwen3 import load_text_encoder
-
-            return load_text_encoder(
-                self.files.text_encoder, dtype=self.dtypes["encoder"], tokenizer=self.tokenizer, quant=quant
-            )
-        if component == "dit":
-            from pascaline.formats.zimage_dit import load_dit
-
-            return load_dit(self.files.dit, dtype=self.dtypes["dit"], quant=quant)
-        from pascaline.formats.flux_vae import load_vae
-
-        return load_vae(self.files.vae, dtype=self.dtypes["vae"])
+    def _model(self, role: str):
+        if role not in self._models:
+            ctx = LoadContext(self._stage_dtype(role), self._schemes[role], "cpu", self.tokenizers)
+            self._models[role] = self.family.load_component(role, self.files.where(role), ctx)
+        return self._models[role]
 
     def host_needs(self) -> dict[str, int]:
         """Estimated host bytes of each model not loaded yet, as it will be loaded."""
-        needs = {}
-        for c in ("text_encoder", "dit", "vae"):
-            if c not in self._models:
-                dtype, quantized = self.dtypes[_DTYPE_KEYS[c]], self._schemes[c] is not None
-                needs[c] = estimated_host_bytes(getattr(self.files, c), dtype, quantized)
-        return needs
+        return {role: estimated_host_bytes(self.files.where(role), self._stage_dtype(role),
+                                           self._schemes[role] is not None)
+                for role in self.files.roles if role not in self._models}  # fmt: skip
 
     def _check_host_ram(self) -> None:
         """Refuse a run that would exhaust the RAM available now, before any weight is read.
@@ -445,8 +322,9 @@ class Pipeline:
 
         largest = max(needs, key=needs.get)
         quant = self._schemes[largest]
-        what = quant or str(self.dtypes[_DTYPE_KEYS[largest]]).removeprefix("torch.")
-        held = "the models kept together" if self.keep_loaded else f"the {_COMPONENT_NAMES[largest]} ({what})"
+        label = self.family.component(largest).label
+        what = quant or str(self._stage_dtype(largest)).removeprefix("torch.")
+        held = "the models kept together" if self.keep_loaded else f"the {label} ({what})"
         hint = "" if quant else "; use --quant w8a8 (or int8) to need half or less"
         raise HostMemoryError(
             f"{held} would need about {format_bytes(need)} of RAM but only {format_bytes(available)} is "
@@ -454,13 +332,13 @@ class Pipeline:
         )
 
     @contextmanager
-    def _loaded(self, component: str):
+    def _loaded(self, role: str):
         """The component's model for one stage; dropped afterwards unless kept in host RAM."""
         try:
-            yield self._model(component)
+            yield self._model(role)
         finally:
             if not self.keep_loaded:
-                self._models.pop(component, None)
+                self._models.pop(role, None)
                 gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -484,42 +362,58 @@ class Pipeline:
         finally:
             streamer.detach_()
 
-    def _check_dit_fits(self, options: GenerateOptions) -> None:
-        """Plan the DiT on ``meta`` before the encoder runs, so a budget too small fails first."""
-        size = (options.width, options.height)
-        if self.budget_bytes is None or size in self._fits:
-            return
-        from pascaline.formats.zimage_dit import infer_dit_config, open_dit_source
+    def dit_config(self):
+        """The diffusion model's config, read from its file's shapes once."""
+        if self._dit_config is None:
+            self._dit_config = self.family.dit_config(self.files.where(self.family.dit.role))
+        return self._dit_config
 
-        with open_dit_source(self.files.dit) as source:
-            cfg = infer_dit_config(source.shapes())
-        quant = self._schemes["dit"]
-        # the shortest caption: a longer one only adds its tokens to the real plan's estimate
-        plan_dit(cfg, self.dtypes["dit"], quant, *size, cfg.seq_multiple, self.budget_bytes, self.prefetch)
+    def _check_dit_fits(self, options: GenerateOptions) -> None:
+        """Plan the diffusion model on ``meta`` before the encoder runs, so a budget too small fails first."""
+        size = (options.width, options.height)
+        if size in self._fits:
+            return
+        cfg = self.dit_config()
+        self.family.check_size(cfg, *size)
+        if self.budget_bytes is not None:
+            from pascaline.runtime.memory import plan_dit
+
+            role = self.family.dit.role
+            # the shortest conditioning: a longer one only adds its tokens to the real plan's estimate
+            plan_dit(self.family, cfg, self.dtypes["dit"], self._schemes[role], *size,
+                     self.family.min_cond_tokens(cfg), self.budget_bytes, self.prefetch)  # fmt: skip
         self._fits.add(size)
 
     # --- stages ---------------------------------------------------------------------------
 
-    def _encode_stage(self, options: GenerateOptions, ledger, report) -> list[torch.Tensor]:
-        # A negative prompt only matters with guidance; without one the negative branch is the
-        # zeroed positive (ComfyUI's ConditioningZeroOut), so there is nothing to encode.
-        negative = options.negative_prompt if options.cfg != 1.0 and options.negative_prompt else None
-        key = (options.prompt, negative)
+    def _prompts(self, options: GenerateOptions) -> list[str]:
+        """The prompts the encoders run: the positive, then the negative when guidance needs one."""
+        if options.cfg == 1.0:
+            return [options.prompt]
+        if options.negative_prompt:
+            return [options.prompt, options.negative_prompt]
+        # without a negative prompt: the empty prompt encoded, or nothing (the sampler zeroes the positive)
+        return [options.prompt, ""] if options.negative_mode == "empty" else [options.prompt]
+
+    def _encode_stage(self, options: GenerateOptions, ledger, report) -> list:
+        prompts = self._prompts(options)
+        key = tuple(prompts)
         if self._captions is not None and self._captions[0] == key:
-            return self._captions[1]  # same prompt as the last call: no encoder stage at all
-        prompts = [options.prompt] if negative is None else [options.prompt, negative]
+            return self._captions[1]  # same prompts as the last call: no encoder stage at all
+        roles = [r for r in self.family.encoder_roles if r in self.files.located]
+        outputs: dict[str, list] = {}
         with ledger.stage("encoder"):
-            self._report("encode", 0, 1)
-            with self._loaded("text_encoder") as encoder:
-                tokens = max(len(ids) for ids in encoder.tokenize(prompts))
-                act = encoder_activation_bytes(
-                    encoder.model.config, tokens, self.dtypes["encoder"], self._schemes["text_encoder"]
-                )
-                with self._placed(encoder.model, "encoder", act, ledger, report):
-                    features = [f.to("cpu") for f in encoder.encode(prompts)]
-            self._report("encode", 1, 1)
-        self._captions = (key, features)
-        return features
+            self._report("encode", 0, len(roles))
+            for i, role in enumerate(roles):
+                with self._loaded(role) as encoder:
+                    act = self.family.encoder_activation_bytes(role, encoder, prompts, self.dtypes["encoder"],
+                                                               self._schemes[role])  # fmt: skip
+                    with self._placed(encoder.model, role, act, ledger, report):
+                        outputs[role] = self.family.encode(role, encoder, prompts)
+                self._report("encode", i + 1, len(roles))
+        conds = self.family.assemble(outputs, len(prompts))
+        self._captions = (key, conds)
+        return conds
 
     def _vae_encode_stage(self, options: GenerateOptions, ledger) -> torch.Tensor:
         from pascaline.runtime.images import load_init_image
@@ -540,35 +434,67 @@ class Pipeline:
             latent = vae.encode(image, budget_bytes=self.budget_bytes).to("cpu")
         return latent
 
-    def _dit_stage(self, options, captions, init, ledger, report, callback) -> torch.Tensor:
-        noise = sampling.initial_noise(options.seed, options.height, options.width)
-        with ledger.stage("dit"):
-            dtype = self.dtypes["dit"]
-            with self._loaded("dit") as model:
-                cap = max(c.shape[0] for c in captions)
-                tokens = token_counts(model.config, options.height, options.width, cap)
-                act = dit_activation_bytes(model.config, tokens, dtype, self._schemes["dit"])
-                with self._placed(model, "dit", act, ledger, report):
-                    latent = self._sample(model, noise, captions, init, options, report, callback)
+    def _cfg_batch(self, model, options: GenerateOptions, conds: list, act_one: int, act_two: int) -> bool:
+        """Whether positive and negative run as one batch of 2: when the family allows it and the
+        batch-2 plan streams at most twice the bytes of two batch-1 passes (one pass, not two)."""
+        from pascaline.offload.plan import plan_for_model
+
+        if options.cfg == 1.0 or self.batch_cfg is False:
+            return False
+        if self.batch_cfg is True:
+            return True
+        if not self.family.cfg_batching:
+            return False
+        one = plan_for_model(model, self.budget_bytes, act_one, self.prefetch)
+        try:
+            two = plan_for_model(model, self.budget_bytes, act_two, self.prefetch)
+        except BudgetError:
+            return False
+        return two.streamed_bytes <= 2 * one.streamed_bytes
+
+    def _dit_stage(self, options, conds, init, ledger, report, callback) -> torch.Tensor:
+        noise = sampling.initial_noise(options.seed, options.height, options.width,
+                                       channels=self.family.latent.channels)  # fmt: skip
+        role = self.family.dit.role
+        dtype, quant = self.dtypes["dit"], self._schemes[role]
+        with ledger.stage("dit"), self._loaded(role) as model:
+            tokens = max(self.family.cond_tokens(c) for c in conds)
+            size = (options.width, options.height)
+            act = [self.family.dit_activation_bytes(model.config, *size, tokens, dtype, quant, batch)
+                   for batch in (1, 2)]
+            batch = self._cfg_batch(model, options, conds, *act)
+            report.cfg_batched = batch
+            with self._placed(model, "dit", act[1] if batch else act[0], ledger, report):
+                latent = self._sample(model, noise, conds, init, options, report, callback, batch)
         return latent
 
-    def _sample(self, model, noise, captions, init, options, report, callback) -> torch.Tensor:
+    def _guidance(self, model, options: GenerateOptions):
+        """SD3.5's skip-layer guidance for this run, or None."""
+        if not (options.slg_scale and options.slg_layers):
+            return None
+        start = sampling.percent_to_sigma(options.slg_start, options.shift)
+        end = sampling.percent_to_sigma(options.slg_end, options.shift)
+        skip_fn = self.family.model_fn(model, options.slg_layers)
+        return sampling.SkipLayerGuidance(skip_fn, options.slg_scale, start, end)
+
+    def _sample(self, model, noise, conds, init, options, report, callback, batch: bool) -> torch.Tensor:
         """The sampler on the device; everything it put there is gone when it returns."""
 
         def on_step(step: int, total: int, sigma: float, latent: torch.Tensor):
             self._report("steps", step, total)
             return None if callback is None else callback(step, total, sigma, latent)
 
-        dtype = self.dtypes["dit"]
-        cond = [captions[0].to(self.device, dtype)]
-        negative = [captions[1].to(self.device, dtype)] if len(captions) > 1 else None
+        dtype, family = self.dtypes["dit"], self.family
+        cond = [family.cond_to(conds[0], self.device, dtype)]
+        negative = [family.cond_to(conds[1], self.device, dtype)] if len(conds) > 1 else None
         self._report("steps", 0, options.steps)
         start = time.perf_counter()
         latent = sampling.sample(
-            model, noise.to(self.device), cond, steps=options.steps, shift=options.shift,
-            sampler=options.sampler, scheduler=options.scheduler, negative=negative, cfg=options.cfg,
-            blind_start=options.blind_start, denoise=options.denoise, callback=on_step,
-            init_latent=None if init is None else init.to(self.device), dtype=self.dtypes["dit"],
+            family.model_fn(model), noise.to(self.device), cond, steps=options.steps, shift=options.shift,
+            sampler=options.sampler, scheduler=family.schedulers[options.scheduler], negative=negative,
+            cfg=options.cfg, blind_start=options.blind_start, denoise=options.denoise, callback=on_step,
+            init_latent=None if init is None else init.to(self.device), dtype=dtype,
+            prediction=family.prediction, batch_cfg=batch, slg=self._guidance(model, options),
         )  # fmt: skip
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -614,19 +540,6 @@ def _probe(device: str, caps: DeviceCaps | None) -> DeviceCaps:
     return caps
 
 
-def _tokenizer(files: ModelFiles, tokenizer):
-    from pascaline.formats.tokenizer import load_tokenizer
-
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        return tokenizer
-    if files.tokenizer is not None:
-        return load_tokenizer(files.tokenizer)
-    encoder = files.text_encoder
-    return load_tokenizer(
-        models_dir=files.root or (encoder.parent if encoder.is_dir() else encoder.parent.parent)
-    )
-
-
 def _decide_keep(keep_loaded: bool | str, pipe: Pipeline) -> bool:
     if keep_loaded != "auto":
         return bool(keep_loaded)
@@ -636,12 +549,34 @@ def _decide_keep(keep_loaded: bool | str, pipe: Pipeline) -> bool:
     return sum(pipe.host_needs().values()) <= KEEP_LOADED_SHARE * available
 
 
+def _family_and_variant(model: str | None, models, dit) -> tuple[Family, Variant | None]:
+    from pascaline.families import resolve_variant
+    from pascaline.runtime.discovery import choose_family
+
+    if model is not None:
+        return resolve_variant(model)
+    return choose_family(models, dit), None
+
+
+def _check_without(family: Family, without: tuple[str, ...]) -> tuple[str, ...]:
+    optional = [c.role for c in family.components if c.optional]
+    for role in without:
+        if role not in optional:
+            names = ", ".join(optional) or "none"
+            raise InvalidArgumentError(
+                f"{family.label} has no {role} to leave out (its optional components: {names}).")
+    return tuple(without)
+
+
 def load_pipeline(
     models: str | Path | None = None,
     *,
+    model: str | None = None,
     dit: str | Path | None = None,
     text_encoder: str | Path | None = None,
     vae: str | Path | None = None,
+    components: dict[str, str | Path] | None = None,
+    without: tuple[str, ...] = (),
     tokenizer=None,
     device: str = "auto",
     vram_budget: str | int | None = "auto",
@@ -650,39 +585,41 @@ def load_pipeline(
     progress: Progress | None = None,
     keep_loaded: bool | str = "auto",
     prefetch: int = 1,
+    batch_cfg: bool | str = "auto",
     caps: DeviceCaps | None = None,
 ) -> Pipeline:
-    """A ready ``Pipeline`` for the Z-Image Turbo files in ``models`` (or given one by one).
+    """A ready ``Pipeline`` for the model files in ``models`` (or given one by one).
 
     ``models``: a ComfyUI ``models/`` folder (the right files are picked by content) or a
-    diffusers snapshot; ``dit``/``text_encoder``/``vae``/``tokenizer`` override single parts.
+    diffusers snapshot. ``model``: a variant name (``"z-image-turbo"``, ``"sd3.5-large"``, ...)
+    that picks the family and the default settings; left out, the folder's (or ``dit``'s) one
+    family is used, with the variant that suits its diffusion model. ``dit``, ``text_encoder``,
+    ``vae`` and ``components`` (``{"clip_l": path, ...}``) override single parts; ``without``
+    leaves optional parts out (``("t5",)``); ``tokenizer``: a tokenizer folder or object.
     ``device``: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     ``vram_budget``: ``"auto"`` (the card's VRAM minus a desktop headroom; no limit on the
     CPU), a size such as ``"7GiB"``, or None for no limit. ``quant``: ``"auto"`` (the device
     policy: int8 on 8 GB cards, none on the CPU), ``"none"``, ``"int8"``, ``"w8a8"``,
-    ``"fp8-e4m3"``, ``"fp8-e5m2"``. ``dtype`` overrides the compute dtype of the DiT and the
-    encoder. ``keep_loaded``: keep the models in host RAM between calls (``"auto"``: when they
-    take at most half the available RAM). ``progress(phase, done, total)`` hears of loading,
-    steps and decoding. ``caps`` replaces the device probe (tests, frontends that probed).
+    ``"fp8-e4m3"``, ``"fp8-e5m2"``. ``dtype`` overrides the compute dtype of the diffusion model
+    and the encoders. ``keep_loaded``: keep the models in host RAM between calls (``"auto"``:
+    when they take at most half the available RAM). ``batch_cfg``: run guidance's two branches
+    as one batch (``"auto"``: when the budget allows). ``progress(phase, done, total)`` hears of
+    loading, encoding, steps and decoding. ``caps`` replaces the device probe.
     """
     caps = _probe(device, caps)
     budget = resolve_budget(vram_budget, caps)
     quant_name = resolve_quant(quant, caps)
-    tokenizer_path = tokenizer if isinstance(tokenizer, (str, Path)) else None
-    files = find_model_files(
-        models, dit=dit, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer_path, quant=quant_name
-    )
+    family, variant = _family_and_variant(model, models, dit)
+    explicit = {"dit": dit, "text_encoder": text_encoder, "vae": vae, **(components or {})}
+    files = find_model_files(models, family=family, tokenizer=tokenizer, quant=quant_name,
+                             skip=_check_without(family, tuple(without)), **explicit)  # fmt: skip
     pipe = Pipeline(
-        files,
-        caps,
-        budget_bytes=budget,
-        quant=quant_name,
-        quant_is_auto=quant == "auto",
-        dtypes=_dtypes(caps, parse_dtype(dtype)),
-        keep_loaded=False,
-        tokenizer=_tokenizer(files, tokenizer),
-        progress=progress,
-        prefetch=prefetch,
-    )
+        files, caps, budget_bytes=budget, quant=quant_name, quant_is_auto=quant == "auto",
+        dtypes=stage_dtypes(caps, parse_dtype(dtype)), keep_loaded=False,
+        variant=variant, tokenizers=family.load_tokenizers(files, tokenizer), progress=progress,
+        prefetch=prefetch, batch_cfg=batch_cfg,
+    )  # fmt: skip
+    if variant is None:
+        pipe.variant = family.variant(family.guess_variant(pipe.dit_config()))
     pipe.keep_loaded = _decide_keep(keep_loaded, pipe)
     return pipe.load_() if pipe.keep_loaded else pipe
