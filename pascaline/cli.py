@@ -1,4 +1,4 @@
-"""The `pascaline` command: generate | bench | quantize | info.
+"""The `pascaline` command: generate | models | bench | quantize | info.
 
 This is the only module that reads argv or environment variables. A user mistake
 (any ``PascalineError``) prints one sentence and exits with code 2; a bug keeps its
@@ -378,6 +378,54 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- models ----------------------------------------------------------------------------------
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the models a folder holds and what pascaline would run from it",
+        description="List every component pascaline recognises in a ComfyUI models/ folder or a diffusers "
+        "snapshot (family, kind, storage dtype, size; a bundled checkpoint shows each part), then, per "
+        "model family, the files generate would use and the model's default settings. Reads headers only.",
+    )
+    p.add_argument("folder", metavar="DIR", help="a ComfyUI models/ folder or a diffusers snapshot")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pascaline.families import resolve_variant
+    from pascaline.formats.detect import KIND_NAMES
+    from pascaline.runtime.device import format_bytes
+    from pascaline.runtime.inventory import inventory, runnable
+
+    root = Path(args.folder).expanduser()
+    rows, skipped = inventory(root)
+    width = max((len(str(r.path.relative_to(root))) for r in rows), default=4)
+    print(f"{'file':<{width}}  {'family':<20} {'component':<36} {'storage':<14} {'size':>10}  variant")
+    for r in rows:
+        family = " / ".join(r.families) or "(not run)"
+        storage = f"{r.dtype}" + (f" [{r.scheme}]" if r.scheme else "")
+        name = str(r.path.relative_to(root))
+        print(f"{name:<{width}}  {family:<20} {KIND_NAMES[r.kind]:<36} {storage:<14} "
+              f"{format_bytes(r.nbytes):>10}  {r.variant or ''}")
+    if skipped:
+        print(f"not recognised: {', '.join(skipped)}")
+    print()
+    for label, variant, found in runnable(root):
+        if isinstance(found, str):
+            print(f"{label}: cannot run: {found}")
+            continue
+        d = resolve_variant(variant)[1].defaults
+        print(f"{label}: runs as --model {variant} ({d.steps} steps, cfg {d.cfg}, {d.sampler}/{d.scheduler}, "
+              f"shift {d.shift}, {d.width}x{d.height})")
+        for role, where in found.items():
+            print(f"  {role:<13} {where}")
+    return 0
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -533,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_info(sub)
     _add_generate(sub)
+    _add_models(sub)
     _add_bench(sub)
     _add_quantize(sub)
     return parser

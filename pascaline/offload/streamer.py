@@ -37,6 +37,7 @@ from pascaline.offload.ledger import MemoryLedger
 from pascaline.offload.plan import (
     OffloadPlan,
     aligned,
+    host_tensor_ids,
     module_tensors,
     packed_nbytes,
     plan_for_model,
@@ -537,13 +538,14 @@ def _layout(module: nn.Module) -> list[_Entry]:
 
 
 def _outside(model: nn.Module, units: list[_Unit]) -> list[tuple[_Entry, torch.Tensor]]:
-    """Entries (with their current tensor) for every tensor outside the units."""
+    """Entries (with their current tensor) for every tensor outside the units and the host tensors."""
     inside = {id(e.current()) for u in units for e in u.entries}
     if len(inside) != sum(len(u.entries) for u in units):
         raise ValueError("A tensor is shared between two offload units; tied weights cannot be streamed.")
+    kept = host_tensor_ids(model)
     out = []
     for owner, name, is_param, t in module_tensors(model):
-        if id(t) in inside:
+        if id(t) in inside or id(t) in kept:
             continue
         nbytes = t.numel() * t.element_size()
         out.append((_Entry(owner, name, is_param, t.shape, t.stride(), t.dtype, t.device, 0, nbytes), t))
