@@ -8,7 +8,9 @@ time. Operations:
 - ``copy``: one source tensor as it is;
 - ``fuse``: source tensors concatenated along rows (split q/k/v -> a fused ``qkv``);
 - ``dequant``: a ComfyUI "scaled fp8" weight times its ``scale_weight``/``weight_scale``
-  (forgetting the scale gives weights ~1e3x off, and white images).
+  (forgetting the scale gives weights ~1e3x off, and white images);
+- ``swap``: one source with the two halves of its rows exchanged (diffusers' SD3
+  ``AdaLayerNormContinuous`` stores (scale, shift) where the original file has (shift, scale)).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one canonical tensor is made: ``copy`` one source, ``fuse`` rows, ``dequant`` fp8 * scale."""
+    """How one canonical tensor is made: ``copy`` one source, ``fuse`` rows, ``dequant`` fp8 * scale,
+    ``swap`` the two halves of the rows."""
 
     op: str
     sources: tuple[str, ...]
@@ -56,6 +59,9 @@ def combine(recipe: Recipe, tensors: list[torch.Tensor]) -> torch.Tensor:
         return tensors[0]
     if recipe.op == "fuse":
         return torch.cat(tensors, dim=0)  # e.g. [3*dim, dim] = cat(q, k, v)
+    if recipe.op == "swap":
+        first, second = tensors[0].chunk(2, dim=0)
+        return torch.cat([second, first], dim=0)
     weight, scale = tensors
     return dequantize_scaled(weight, scale, recipe.sources[0])
 
