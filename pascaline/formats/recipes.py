@@ -15,7 +15,7 @@ time. Operations:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -93,3 +93,24 @@ def convert(sd: Mapping[str, torch.Tensor], plan: Mapping[str, Recipe]) -> dict[
 def convert_shapes(shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, Recipe]) -> dict[str, tuple]:
     """``{key: shape}`` through a plan: canonical names and the shapes ``combine`` would give."""
     return {k: combine_shape(r, [tuple(shapes[s]) for s in r.sources]) for k, r in plan.items()}
+
+
+Planner = Callable[[list[str]], dict[str, Recipe]]
+
+
+def plan_by_format(keys, detect: Callable[[list[str]], str | None], planners: Mapping[str, Planner],
+                   model: str) -> dict[str, Recipe]:
+    """A family's one dispatcher: ``planners[detect(keys)](keys)``; ``WrongModelError`` naming ``model``
+    (e.g. ``"a Z-Image DiT"``) when ``detect`` recognises no form."""
+    keys = list(keys)
+    fmt = detect(keys)
+    if fmt is None:
+        raise WrongModelError(f"these weights are not {model}.")
+    return planners[fmt](keys)
+
+
+def planned_tensors(source, plan: Mapping[str, Recipe]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(canonical key, tensor)`` for each Recipe of ``plan``, reading its sources from ``source``
+    (anything with ``get(key)``, a ``WeightSource``) one recipe, so at most one q/k/v group, at a time."""
+    for key, recipe in plan.items():
+        yield key, combine(recipe, [source.get(s) for s in recipe.sources])

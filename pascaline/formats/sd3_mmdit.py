@@ -31,13 +31,14 @@ import torch
 
 from pascaline.errors import ConfigError, InvalidArgumentError, WrongModelError
 from pascaline.formats.detect import describe
-from pascaline.formats.materialize import load_state_
+from pascaline.formats.materialize import load_with_scheme_
 from pascaline.formats.recipes import (
     Recipe,
-    combine,
     convert,
     convert_shapes,
     is_scale_or_marker,
+    plan_by_format,
+    planned_tensors,
     scaled_recipe,
 )
 from pascaline.formats.safetensors_io import WeightSource
@@ -156,11 +157,8 @@ def plan_diffusers_mmdit(keys) -> dict[str, Recipe]:
 
 def plan_mmdit(keys) -> dict[str, Recipe]:
     """The one dispatcher: detect the form and plan its conversion (raises for other models)."""
-    keys = list(keys)
-    fmt = detect_mmdit_format(keys)
-    if fmt is None:
-        raise WrongModelError("these weights are not an SD3/SD3.5 MMDiT.")
-    return plan_original_mmdit(keys) if fmt == "original" else plan_diffusers_mmdit(keys)
+    planners = {"original": plan_original_mmdit, "diffusers": plan_diffusers_mmdit}
+    return plan_by_format(keys, detect_mmdit_format, planners, "an SD3/SD3.5 MMDiT")
 
 
 def convert_original_mmdit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,8 +181,7 @@ def iter_mmdit_tensors(source: WeightSource | str | Path) -> Iterator[tuple[str,
     """Yield ``(canonical_key, tensor)`` one at a time (a q/k/v group is read as one small group)."""
     if not isinstance(source, WeightSource):
         source = open_mmdit_source(source)
-    for key, recipe in plan_mmdit(source.keys()).items():
-        yield key, combine(recipe, [source.get(s) for s in recipe.sources])
+    yield from planned_tensors(source, plan_mmdit(source.keys()))
 
 
 def _need(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
@@ -258,9 +255,6 @@ def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
     scheme) and placed on ``device``. ``config`` (an MMDiTConfig or a name in ``VARIANTS``)
     overrides the config inferred from the shapes. Returns the model in eval mode, no grad.
     """
-    from pascaline.quant import keep_dtype_keys, quantize_
-    from pascaline.quant.schemes import resolve_scheme
-
     source = open_mmdit_source(path)
     shapes = source.shapes()
     if detect_mmdit_format(shapes) is None:
@@ -270,13 +264,8 @@ def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
     cfg = _resolve_config(config, shapes)
     with torch.device("meta"):
         model = MMDiT(cfg)
-    scheme = resolve_scheme(quant, source.metadata, str(source.path))
-    if scheme is not None:
-        quantize_(model, scheme)
-    with source:
-        load_state_(model, iter_mmdit_tensors(source), dtype=dtype, device=device, source=str(source.path),
-                    keep_dtype=keep_dtype_keys(model))
-    return model.requires_grad_(False).eval()
+    return load_with_scheme_(model, source, lambda: iter_mmdit_tensors(source), quant=quant, dtype=dtype,
+                             device=device)
 
 
 def open_mmdit_for_quantize(path: str | Path):
