@@ -142,6 +142,9 @@ def test_detect_format(refs):
     assert detect_mmdit_format(original) == "original"
     assert detect_mmdit_format({COMFY_PREFIX + k: v for k, v in original.items()}) == "original"
     assert detect_mmdit_format({"first_stage_model.decoder.conv_in.weight": 0}) is None
+    unprefixed_checkpoint = {**original, "first_stage_model.decoder.conv_in.weight": torch.zeros(1),
+                             "text_encoders.clip_g.transformer.text_projection.weight": torch.zeros(1)}
+    assert convert_original_mmdit(unprefixed_checkpoint).keys() == MMDiT(VARIANTS["tiny"]).state_dict().keys()
     assert detect_mmdit_format({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": 0}) is None
 
 
