@@ -17,6 +17,7 @@ from pascaline.errors import (
     TruncatedFileError,
     WrongModelError,
 )
+from pascaline.formats.detect import guess_kind
 from pascaline.formats.safetensors_io import WeightSource
 from pascaline.formats.sd3_mmdit import (
     convert_diffusers_mmdit,
@@ -146,6 +147,7 @@ def test_detect_format(refs):
                              "text_encoders.clip_g.transformer.text_projection.weight": torch.zeros(1)}
     assert convert_original_mmdit(unprefixed_checkpoint).keys() == MMDiT(VARIANTS["tiny"]).state_dict().keys()
     assert detect_mmdit_format({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": 0}) is None
+    assert guess_kind(_shapes(sd)) == guess_kind(_shapes(original)) == "sd3-mmdit"
 
 
 def _shapes(sd):
