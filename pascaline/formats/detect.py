@@ -14,6 +14,7 @@ from collections.abc import Mapping
 # kind -> a phrase for messages
 KIND_NAMES = {
     "zimage-dit": "a Z-Image DiT",
+    "sd3-mmdit": "an SD3/SD3.5 MMDiT",
     "qwen3-encoder": "a Qwen3 text encoder",
     "llm": "a language model that is not Qwen3 (no q_norm)",
     "flux-vae": "the FLUX.1 VAE",
@@ -42,6 +43,9 @@ def guess_kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
     if any(k.startswith("input_blocks.") for k in keys) or any(
         k.startswith("model.diffusion_model.input_blocks.") for k in raw):
         return "sd-unet"
+    if any(k.startswith("joint_blocks.") for k in keys) or "pos_embed.proj.weight" in keys and any(
+        ".attn.add_q_proj." in k for k in keys):
+        return "sd3-mmdit"
     if any(k.startswith("double_blocks.") for k in keys):
         return "flux-dit"
     if "cap_embedder.1.weight" in keys or "all_x_embedder.2-1.weight" in keys or any(

@@ -13,7 +13,7 @@ pre-quantized file) carry the module's own names and are taken as they are.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -80,6 +80,27 @@ def load_state_(
         raise StateDictError(_mismatch_message(source, missing, sorted(unexpected), bad_shapes))
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def load_with_scheme_(model: nn.Module, source, tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], *,
+                      quant, dtype: torch.dtype | None, device: torch.device | str = "cpu") -> nn.Module:
+    """The end of every weights loader: quantize ``model`` (built on meta) under ``quant`` or the scheme
+    the file's metadata records, stream ``tensors()`` in strictly from the open ``source`` (a
+    ``WeightSource``, closed afterwards), and return the model in eval mode without gradients.
+
+    Quantized storage (``qweight``/``scale``, converted from float or read pre-quantized) keeps its
+    dtype; every other float tensor is cast to ``dtype``.
+    """
+    from pascaline.quant import keep_dtype_keys, quantize_
+    from pascaline.quant.schemes import resolve_scheme
+
+    scheme = resolve_scheme(quant, source.metadata, str(source.path))
+    if scheme is not None:
+        quantize_(model, scheme)
+    with source:
+        load_state_(model, tensors(), dtype=dtype, device=device, source=str(source.path),
+                    keep_dtype=keep_dtype_keys(model))
+    return model.requires_grad_(False).eval()
 
 
 def _mismatch_message(source: str, missing: list[str], unexpected: list[str], bad: list[str]) -> str:

@@ -8,12 +8,14 @@ time. Operations:
 - ``copy``: one source tensor as it is;
 - ``fuse``: source tensors concatenated along rows (split q/k/v -> a fused ``qkv``);
 - ``dequant``: a ComfyUI "scaled fp8" weight times its ``scale_weight``/``weight_scale``
-  (forgetting the scale gives weights ~1e3x off, and white images).
+  (forgetting the scale gives weights ~1e3x off, and white images);
+- ``swap``: one source with the two halves of its rows exchanged (diffusers' SD3
+  ``AdaLayerNormContinuous`` stores (scale, shift) where the original file has (shift, scale)).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +32,8 @@ FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one canonical tensor is made: ``copy`` one source, ``fuse`` rows, ``dequant`` fp8 * scale."""
+    """How one canonical tensor is made: ``copy`` one source, ``fuse`` rows, ``dequant`` fp8 * scale,
+    ``swap`` the two halves of the rows."""
 
     op: str
     sources: tuple[str, ...]
@@ -56,6 +59,9 @@ def combine(recipe: Recipe, tensors: list[torch.Tensor]) -> torch.Tensor:
         return tensors[0]
     if recipe.op == "fuse":
         return torch.cat(tensors, dim=0)  # e.g. [3*dim, dim] = cat(q, k, v)
+    if recipe.op == "swap":
+        first, second = tensors[0].chunk(2, dim=0)
+        return torch.cat([second, first], dim=0)
     weight, scale = tensors
     return dequantize_scaled(weight, scale, recipe.sources[0])
 
@@ -87,3 +93,24 @@ def convert(sd: Mapping[str, torch.Tensor], plan: Mapping[str, Recipe]) -> dict[
 def convert_shapes(shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, Recipe]) -> dict[str, tuple]:
     """``{key: shape}`` through a plan: canonical names and the shapes ``combine`` would give."""
     return {k: combine_shape(r, [tuple(shapes[s]) for s in r.sources]) for k, r in plan.items()}
+
+
+Planner = Callable[[list[str]], dict[str, Recipe]]
+
+
+def plan_by_format(keys, detect: Callable[[list[str]], str | None], planners: Mapping[str, Planner],
+                   model: str) -> dict[str, Recipe]:
+    """A family's one dispatcher: ``planners[detect(keys)](keys)``; ``WrongModelError`` naming ``model``
+    (e.g. ``"a Z-Image DiT"``) when ``detect`` recognises no form."""
+    keys = list(keys)
+    fmt = detect(keys)
+    if fmt is None:
+        raise WrongModelError(f"these weights are not {model}.")
+    return planners[fmt](keys)
+
+
+def planned_tensors(source, plan: Mapping[str, Recipe]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(canonical key, tensor)`` for each Recipe of ``plan``, reading its sources from ``source``
+    (anything with ``get(key)``, a ``WeightSource``) one recipe, so at most one q/k/v group, at a time."""
+    for key, recipe in plan.items():
+        yield key, combine(recipe, [source.get(s) for s in recipe.sources])

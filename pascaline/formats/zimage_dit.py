@@ -24,18 +24,18 @@ import torch
 
 from pascaline.errors import ConfigError, InvalidArgumentError, WrongModelError
 from pascaline.formats.detect import describe
-from pascaline.formats.materialize import load_state_
+from pascaline.formats.materialize import load_with_scheme_
 from pascaline.formats.recipes import (
     Recipe,
-    combine,
     convert,
     convert_shapes,
     is_scale_or_marker,
+    plan_by_format,
+    planned_tensors,
     scaled_recipe,
 )
 from pascaline.formats.safetensors_io import WeightSource
 from pascaline.models.zimage_dit import VARIANTS, ZImageDiT, ZImageDiTConfig
-from pascaline.quant.schemes import resolve_scheme
 
 COMFY_PREFIX = "model.diffusion_model."
 # diffusers -> canonical substring renames; q/k/v are fused by _QKV below
@@ -101,11 +101,8 @@ def plan_comfy(keys) -> dict[str, Recipe]:
 
 def plan_dit(keys) -> dict[str, Recipe]:
     """The one dispatcher: detect the form and plan its conversion (raises for other models)."""
-    keys = list(keys)
-    fmt = detect_dit_format(keys)
-    if fmt is None:
-        raise WrongModelError("these weights are not a Z-Image DiT.")
-    return plan_diffusers(keys) if fmt == "diffusers" else plan_comfy(keys)
+    return plan_by_format(keys, detect_dit_format, {"diffusers": plan_diffusers, "comfy": plan_comfy},
+                          "a Z-Image DiT")
 
 
 def convert_diffusers_dit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,8 +124,7 @@ def iter_dit_tensors(source: WeightSource | str | Path) -> Iterator[tuple[str, t
     """Yield ``(canonical_key, tensor)`` one at a time (q/k/v read as one small group)."""
     if not isinstance(source, WeightSource):
         source = open_dit_source(source)
-    for key, recipe in plan_dit(source.keys()).items():
-        yield key, combine(recipe, [source.get(s) for s in recipe.sources])
+    yield from planned_tensors(source, plan_dit(source.keys()))
 
 
 def open_dit_source(path: str | Path) -> WeightSource:
@@ -210,18 +206,8 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     cfg = VARIANTS[config] if isinstance(config, str) else config or infer_dit_config(shapes)
     with torch.device("meta"):
         model = ZImageDiT(cfg)
-    scheme = resolve_scheme(quant, source.metadata, str(source.path))
-    if scheme is not None:
-        from pascaline.quant import quantize_
-
-        quantize_(model, scheme)
-    # Buffers of modules that convert float weights (QLinear) keep the file's dtype.
-    keep = [f"{name}.{b}" for name, m in model.named_modules() if hasattr(m, "state_from_float")
-            for b, _ in m.named_buffers(recurse=False)]
-    with source:
-        load_state_(model, iter_dit_tensors(source), dtype=dtype, device=device, source=str(source.path),
-                    keep_dtype=keep)
-    return model.requires_grad_(False).eval()
+    return load_with_scheme_(model, source, lambda: iter_dit_tensors(source), quant=quant, dtype=dtype,
+                             device=device)
 
 
 def quantize_source(path: str | Path):

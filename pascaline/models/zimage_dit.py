@@ -183,10 +183,16 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # t: [B], already times t_scale -> [B, adaln_dim]
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]  # [B, half]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype))
+        return self.mlp(sinusoidal_embedding(t, self.freq_dim).to(dtype))
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[cos(t f), sin(t f)]`` with ``f_k = 10000^(-k / (dim/2))``, in fp32 (diffusers' ``Timesteps``
+    with ``flip_sin_to_cos=True``, shift 0). t: [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # [B, half]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class FinalLayer(nn.Module):

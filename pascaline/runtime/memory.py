@@ -99,3 +99,31 @@ def plan_dit(family, cfg, dtype, quant: str | None, width: int, height: int, con
         quantize_(model, scheme_from_name(quant))
     activations = family.dit_activation_bytes(cfg, width, height, cond_tokens, dtype, quant, batch)
     return plan_for_model(model, budget, activations, prefetch)
+
+
+def mmdit_activation_bytes(cfg, height: int, width: int, context_tokens: int, dtype, quant: str | None = None,
+                           batch: int = 1) -> int:
+    """Device bytes an SD3/SD3.5 MMDiT forward needs beside its weights, for ``batch`` samples
+    (2 for CFG) of ``height x width`` pixels with ``context_tokens`` text tokens (333 in diffusers'
+    default, 154 in ComfyUI's for a short prompt).
+
+    One joint block's working set over the S = N + L tokens of both streams (the streams, LN
+    and modulated inputs, q/k/v, the attention output and three MLP-wide tensors: 8 x hidden
+    + 3 x MLP per token), plus, under fp16, the fp32 residual streams and their fp32 LN (3 x
+    hidden x 4 bytes per token), with a 25 % margin; six fp32 latents for the sampler; the
+    pos-embed crop; and the quantized linears' workspace. Attention is O(S) (memory-efficient
+    kernels).
+    """
+    cell = 8 * cfg.patch_size
+    if height % cell or width % cell or height <= 0 or width <= 0:
+        raise ValueError(f"image size {width}x{height} must be a positive multiple of {cell}")
+    image = (height // cell) * (width // cell)
+    tokens = batch * (image + context_tokens)
+    compute = dtype_bytes(dtype)
+    fp16 = str(dtype).removeprefix("torch.") in ("fp16", "float16")
+    fp32_stream = 3 * cfg.hidden * 4 if fp16 else 0  # models.mmdit.stream_dtype
+    block = tokens * ((8 * cfg.hidden + 3 * cfg.mlp_hidden) * compute + fp32_stream)
+    latents = 6 * batch * cfg.in_channels * (height // 8) * (width // 8) * 4
+    crop = image * cfg.hidden * compute
+    workspace = quant_workspace_bytes(tokens, cfg.hidden, cfg.mlp_hidden, quant, dtype)
+    return int(block * 1.25) + latents + crop + workspace
