@@ -26,7 +26,7 @@ from pascaline.formats.encoder_files import (
     Tensors,
     choose_prefix,
     component_path,
-    load_weights_,
+    load_encoder_,
     names_under,
     plan_of,
     plan_shapes,
@@ -169,20 +169,11 @@ def load_clip(
     ``kind``: ``"clip-l"``/``"clip-g"`` to refuse the other tower. ``tokenizer``: a folder, a
     tokenizer object or ``None`` to find one offline (``formats.sd3_tokenizers``).
     """
-    from pascaline.formats.sd3_tokenizers import load_sd3_tokenizer
     from pascaline.models.clip_text import materialize_position_ids_
 
     source, model, tensors, found, cfg = _open(path, prefix, kind)
-    with source:
-        tok = load_sd3_tokenizer(
-            found, tokenizer, models_dir=models_dir_of(source.path)
-        )  # before the long read
-        load_weights_(model, source, tensors(), dtype=dtype, device=device, quant=quant, path=source.path)
+    tok = load_encoder_(
+        source, model, tensors, found, tokenizer=tokenizer, dtype=dtype, device=device, quant=quant
+    )
     materialize_position_ids_(model, device)
     return ClipTextEncoder(model, tok, found, cfg)
-
-
-def models_dir_of(weights: Path) -> Path:
-    """The folder a tokenizer is looked for around: a snapshot's ``text_encoder_2/`` sits beside
-    ``tokenizer_2/``, a ComfyUI file in ``models/text_encoders/``."""
-    return weights.parent if weights.is_dir() else weights.parent.parent

@@ -101,3 +101,33 @@ def load_weights_(
         keep = keep_dtype_keys(model)
     load_state_(model, tensors, dtype=dtype, device=device, source=str(path), keep_dtype=keep)
     return model.requires_grad_(False)
+
+
+def models_dir_of(weights: Path) -> Path:
+    """The folder a tokenizer is looked for around: a snapshot's ``text_encoder_2/`` sits beside
+    ``tokenizer_2/``, a ComfyUI file in ``models/text_encoders/``."""
+    return weights.parent if weights.is_dir() else weights.parent.parent
+
+
+def load_encoder_(
+    source: WeightSource,
+    model: nn.Module,
+    tensors: Callable[[], Tensors],
+    kind: str,
+    *,
+    tokenizer,
+    dtype,
+    device,
+    quant,
+    **token_options,
+):
+    """Find ``kind``'s tokenizer (first: a missing one fails before the long read), then fill
+    ``model`` from ``source`` (``load_weights_``) and close it. Returns the ``PromptTokenizer``."""
+    from pascaline.formats.sd3_tokenizers import load_sd3_tokenizer
+
+    with source:
+        tok = load_sd3_tokenizer(
+            kind, tokenizer, models_dir=models_dir_of(Path(source.path)), **token_options
+        )
+        load_weights_(model, source, tensors(), dtype=dtype, device=device, quant=quant, path=source.path)
+    return tok

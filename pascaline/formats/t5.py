@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
 
 from pascaline.errors import ConfigError, WrongModelError
-from pascaline.formats.clip import models_dir_of
 from pascaline.formats.encoder_files import (
     Tensors,
     choose_prefix,
     component_path,
-    load_weights_,
+    load_encoder_,
     names_under,
     plan_of,
     plan_shapes,
@@ -142,12 +140,7 @@ def load_t5(
     linears (int8: ~4.9 GB for T5-XXL); a pascaline-quantized file brings its own.
     ``min_length``: the padded length (ComfyUI's 77 by default; diffusers pads to 256).
     """
-    from pascaline.formats.sd3_tokenizers import load_sd3_tokenizer
-
     source, model, tensors, cfg = _open(path, prefix)
-    with source:
-        tok = load_sd3_tokenizer(
-            "t5-encoder", tokenizer, models_dir=models_dir_of(Path(source.path)), min_length=min_length
-        )
-        load_weights_(model, source, tensors(), dtype=dtype, device=device, quant=quant, path=source.path)
+    tok = load_encoder_(source, model, tensors, "t5-encoder", tokenizer=tokenizer, dtype=dtype,
+                        device=device, quant=quant, min_length=min_length)
     return T5TextEncoder(model, tok, "t5-encoder", cfg)

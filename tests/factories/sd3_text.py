@@ -9,12 +9,13 @@ widths shrink (L 64, G 128 with 64-wide heads as every real file; T5 256 with 4 
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from tests.factories.files import save_sharded
 
 CLIP_KWARGS = {
     "clip-l": dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=1, hidden_act="quick_gelu"),
@@ -146,22 +147,10 @@ def save(sd: dict, path: Path) -> Path:
 
 
 def save_diffusers(sd: dict, config, folder: Path, shards: int = 1) -> Path:
-    """A diffusers component folder: ``model.safetensors``, or shards with an index json."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(config.to_json_string())
-    if shards == 1:
-        save_file(sd, str(folder / "model.safetensors"))
-        return folder
-    keys, weight_map = list(sd), {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = keys[i * len(keys) // shards : (i + 1) * len(keys) // shards]
-        save_file({k: sd[k] for k in part}, str(folder / name))
-        weight_map.update({k: name for k in part})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    return folder
+    """A diffusers component folder: ``config.json`` and ``model.safetensors`` or shards + index."""
+    save_sharded(sd, folder, "model", shards)
+    (Path(folder) / "config.json").write_text(config.to_json_string())
+    return Path(folder)
 
 
 @torch.no_grad()
