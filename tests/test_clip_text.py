@@ -219,7 +219,7 @@ def test_other_towers_are_named_not_loaded(tmp_path, toks):
     shapes = {k: tuple(v.shape) for k, v in six.state_dict().items()}
     assert clip_kind(shapes) is None and guess_kind(shapes) == "text-encoder"
     with pytest.raises(
-        WrongModelError, match=r"holds a CLIP text encoder of 6 layers \(not SD3's\), not SD3's"
+        WrongModelError, match=r"holds a CLIP text encoder of 6 x 64 \(not SD3's\), not SD3's"
     ):
         load_clip(
             save(clip_state_dict(six), tmp_path / "six.safetensors"),

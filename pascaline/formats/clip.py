@@ -131,7 +131,8 @@ def _open(path, prefix: str | None, kind: str | None):
     shapes = plan_shapes(source, plan)
     found = clip_kind(shapes)
     if found is None or kind not in (None, found):
-        what = KIND_NAMES[found] if found else f"a CLIP text encoder of {_depth(shapes)} layers (not SD3's)"
+        size = f"{_depth(shapes)} x {shapes.get(TOKEN_TABLE, (0, '?'))[1]}"
+        what = KIND_NAMES[found] if found else f"a CLIP text encoder of {size} (not SD3's)"
         want = _LABEL.get(kind, "SD3's CLIP-L or CLIP-G")
         raise WrongModelError(f"{source.path} holds {what}, not {want}; pass {hint}.")
     if found == "clip-l":
