@@ -128,8 +128,9 @@ def parse_weights(prompt: str) -> list[tuple[str, float]]:
 class PromptTokenizer:
     """Prompts -> ``Tokens`` for one SD3 encoder, with ComfyUI's layout (module docstring).
 
-    ``chunk_length``: CLIP's 77 (chunks padded to it) or ``None`` (T5: one sequence);
-    ``min_length``: T5's 77. ``parse_weights=False`` reads parentheses literally.
+    ``tokenizer``: the HF tokenizer; ``kind``: ``clip-l`` | ``clip-g`` (77-id chunks) or
+    ``t5-encoder`` (one sequence, padded to ``min_length``, 77 by default).
+    ``parse_weights=False`` reads parentheses literally; ``max_tokens`` is the ceiling.
     """
 
     def __init__(

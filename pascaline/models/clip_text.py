@@ -102,7 +102,7 @@ VARIANTS = {
 }
 
 
-class ClipTextEncoder(CLIPTextModelWithProjection):
+class ClipTextTower(CLIPTextModelWithProjection):
     """``CLIPTextModelWithProjection`` that also returns what SD3 takes (``forward_sd3``)."""
 
     # The blocks an offload planner may stream: the encoder layers, by dotted path.
@@ -120,14 +120,14 @@ class ClipTextEncoder(CLIPTextModelWithProjection):
         return out.hidden_states[-2], out.text_embeds
 
 
-def build_clip(cfg: ClipTextConfig) -> ClipTextEncoder:
+def build_clip(cfg: ClipTextConfig) -> ClipTextTower:
     """The tower on ``meta``: parameters are filled by the loader, with ``assign=True``."""
     with torch.device("meta"):
-        model = ClipTextEncoder(cfg.to_transformers(), projected=cfg.projection_dim is not None)
+        model = ClipTextTower(cfg.to_transformers(), projected=cfg.projection_dim is not None)
     return model.eval()
 
 
-def materialize_position_ids_(model: ClipTextEncoder, device: torch.device | str = "cpu") -> ClipTextEncoder:
+def materialize_position_ids_(model: ClipTextTower, device: torch.device | str = "cpu") -> ClipTextTower:
     """Rebuild ``position_ids`` (a non-persistent buffer no file needs to carry) on ``device``."""
     embeddings = model.text_model.embeddings
     count = embeddings.position_embedding.weight.shape[0]
