@@ -21,7 +21,10 @@ KIND_NAMES = {
     "sd-vae": "a Stable Diffusion VAE (4 latent channels)",
     "flux-dit": "a FLUX.1 transformer",
     "sd-unet": "a Stable Diffusion UNet checkpoint",
-    "clip": "a CLIP/T5 text encoder",
+    "clip-l": "the CLIP-L text encoder",
+    "clip-g": "the CLIP-G (OpenCLIP bigG) text encoder",
+    "t5-encoder": "a T5 text encoder",
+    "text-encoder": "a CLIP or T5 text encoder that SD3 does not use",
     "unknown": "no model pascaline knows",
 }
 
@@ -53,11 +56,16 @@ def guess_kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
         return "zimage-dit"
     if any(k.endswith("self_attn.q_norm.weight") for k in keys):
         return "qwen3-encoder"
-    if "embed_tokens.weight" in keys or any(k.endswith("self_attn.q_proj.weight") for k in keys):
-        return "llm"
+    # before the LLM test: CLIP layers are named self_attn.q_proj too
     if any(k.startswith("text_model.") or k.startswith("encoder.block.") or k.startswith("shared.")
            for k in keys):
-        return "clip"
+        # imported here: formats.clip and formats.t5 use this module for their messages
+        from pascaline.formats.clip import clip_kind
+        from pascaline.formats.t5 import is_t5_encoder
+
+        return clip_kind(keys) or ("t5-encoder" if is_t5_encoder(keys) else "text-encoder")
+    if "embed_tokens.weight" in keys or any(k.endswith("self_attn.q_proj.weight") for k in keys):
+        return "llm"
     conv_in = keys.get("decoder.conv_in.weight")
     if conv_in is not None and len(conv_in) == 4:
         return "flux-vae" if conv_in[1] == 16 else "sd-vae"

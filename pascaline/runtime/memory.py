@@ -134,3 +134,29 @@ def cfg_batch_pays(one, two) -> bool:
     and the batch-2 plan ``two`` (None: it does not fit): when one pass streams at most the
     bytes of the two passes it replaces."""
     return two is not None and two.streamed_bytes <= 2 * one.streamed_bytes
+
+
+def clip_activation_bytes(config, chunks: int, compute, quant: str | None = None) -> int:
+    """Device bytes a CLIP text tower (``ClipTextConfig``) needs beside its weights, with margin,
+    for ``chunks`` 77-token sequences in one batch (every prompt chunk, plus an empty one per
+    weighted prompt). Every layer's output is kept (the penultimate one is the feature)."""
+    tokens = chunks * config.max_positions
+    width = config.hidden_size
+    block = tokens * (8 * width + 3 * config.intermediate_size) * dtype_bytes(compute)
+    scores = chunks * config.num_heads * config.max_positions**2 * 4
+    states = (config.num_layers + 1) * tokens * width * dtype_bytes(compute)
+    workspace = quant_workspace_bytes(tokens, width, config.intermediate_size, quant, compute)
+    return int((block + scores + states) * 1.25) + workspace
+
+
+def t5_activation_bytes(config, tokens: int, compute, quant: str | None = None) -> int:
+    """Device bytes a T5 encoder (``T5EncoderConfig``) forward over ``tokens`` needs beside its
+    weights, with margin: the float32 residual stream and feed-forward temporaries, the
+    attention scores and the relative position bias every block reuses."""
+    d_model, d_ff, heads = config.d_model, config.d_ff, config.num_heads
+    inner = heads * config.d_kv
+    block = tokens * (4 * inner + 2 * d_model + 2 * d_ff) * dtype_bytes(compute)
+    fp32 = tokens * (3 * d_model + 3 * d_ff) * 4  # residual, wo output, gate, product, rescaled input
+    attention = heads * tokens * tokens * (4 + dtype_bytes(compute))  # scores + the shared bias
+    workspace = quant_workspace_bytes(tokens, d_model, d_ff, quant, compute)
+    return int((block + fp32 + attention) * 1.25) + workspace

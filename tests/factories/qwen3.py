@@ -8,11 +8,12 @@ scaled fp8) or as a diffusers snapshot's sharded ``text_encoder/`` with an index
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from tests.factories.files import save_sharded
 
 PREFIX = "model."
 
@@ -103,16 +104,7 @@ def save_diffusers(model, snapshot: Path, dtype: torch.dtype = torch.bfloat16, s
     """A snapshot's ``text_encoder/``: ``model-0000i-of-0000n.safetensors`` + index json + config."""
     folder = Path(snapshot) / "text_encoder"
     folder.mkdir(parents=True, exist_ok=True)
-    sd = comfy_state_dict(model, dtype)
-    keys = list(sd)
-    weight_map = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = keys[i * len(keys) // shards : (i + 1) * len(keys) // shards]
-        save_file({k: sd[k] for k in part}, str(folder / name))
-        weight_map.update({k: name for k in part})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_sharded(comfy_state_dict(model, dtype), folder, "model", shards)
     (folder / "config.json").write_text(model.config.to_json_string())
     return folder
 
