@@ -38,7 +38,7 @@ from pascaline.runtime.sizing import validate_size
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total): "load", "encode", "steps", "decode"
 OUTPUTS = ("pil", "tensor", "latent")
-QUANT_NAMES = ("none", "int8", "w8a8", "fp8-e4m3", "fp8-e5m2")
+QUANT_NAMES = ("none", "int8", "w8a8", "w8a8-rot", "fp8-e4m3", "fp8-e5m2")
 SEED_RANGE = 2**64
 RANDOM_SEED_RANGE = 2**32  # random seeds stay short enough to type back
 # Keep the models in host RAM between calls when they take at most this share of the RAM
