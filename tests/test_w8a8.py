@@ -252,3 +252,34 @@ def test_fused_linear_equals_the_torch_path_on_the_gpu(name):
     args = (x, q.qweight, q.scale, q.bias, q.scheme.hadamard)
     assert torch.equal(w8a8_linear(*args, path="fused"), w8a8_linear(*args, path="torch"))
     assert sqnr_db(lin(x.float()), q(x).float()) > 35
+
+
+# --- what the plans and projections count -------------------------------------------------
+
+
+def test_workspace_counts_either_path_and_the_rotated_scheme_alike():
+    from pascaline.runtime.memory import quant_workspace_bytes
+
+    unfused = quant_workspace_bytes(4160, 3840, 10240, "w8a8", "bf16")
+    assert unfused == 4160 * 10240 * 9  # codes, int32 accumulator, its float32 rescale
+    assert quant_workspace_bytes(4160, 3840, 10240, "w8a8-rot", "bf16") == unfused
+    fused = quant_workspace_bytes(4160, 3840, 10240, "w8a8", "bf16", w8a8_path="fused")
+    assert fused == 4160 * (10240 * 5 + 4) < unfused  # codes, accumulator, scales: no rescale copy
+    assert quant_workspace_bytes(5, 64, 170, "w8a8", "fp32", "fused") == 17 * (170 * 5 + 4)  # M > 16
+
+
+def test_projections_keep_todays_numbers_until_an_overhead_is_measured():
+    from dataclasses import replace
+
+    from pascaline.bench import counters
+    from pascaline.bench.projection import GPUS, project
+    from pascaline.models.zimage_dit import VARIANTS
+
+    cfg, gtx1070 = VARIANTS["z-image-turbo"], GPUS[0]
+    assert all(spec.w8a8_overhead is None for spec in GPUS)
+    today = project(cfg, gtx1070, "streamed", "w8a8")
+    assert project(cfg, gtx1070, "streamed", "w8a8-rot").compute_s == today.compute_s
+    measured = project(cfg, replace(gtx1070, w8a8_overhead=0.2), "streamed", "w8a8")
+    gemm_s = counters.forward_flops(cfg, counters.token_counts(cfg, 1024, 1024, 64)).linear / 25.9e12
+    assert measured.compute_s - today.compute_s == pytest.approx(gemm_s * 0.25)  # gemm / (1 - 0.2)
+    assert measured.label == today.label == "projected"

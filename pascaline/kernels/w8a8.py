@@ -81,14 +81,16 @@ def fwht_ref(x: torch.Tensor, block: int) -> torch.Tensor:
     ``(a + b, a - b)`` within each run of ``2h``: the order the fused kernel uses, so both
     round alike. Applying it twice gives ``block * x``.
     """
-    # x: [..., K] -> float32 [..., K]
-    out = x.to(torch.float32)
+    # x: [..., K] -> float32 [..., K]; in place on one copy (peak 1.5x a float32 row, not 3x)
+    out = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     *lead, k = out.shape
     h = 1
     while h < block:
-        pairs = out.reshape(*lead, k // (2 * h), 2, h)
+        pairs = out.view(*lead, k // (2 * h), 2, h)
         a, b = pairs.select(-2, 0), pairs.select(-2, 1)
-        out = torch.stack((a + b, a - b), dim=-2).reshape(*lead, k)
+        first = a.clone()
+        a.add_(b)
+        b.neg_().add_(first)  # first + (-b) rounds exactly as first - b
         h *= 2
     return out
 
