@@ -208,8 +208,17 @@ def test_one_rule_picks_the_path_for_every_card():
     assert cards == {"gtx1070": "fused", "gtx1660": "fused", "rtx2060": "fused", "h100": "fused",
                      "cpu": "torch"}
     assert w8a8_path(torch.device("cpu")) == "torch"
+    args = torch.ones(2, 8), torch.ones(3, 8, dtype=torch.int8), torch.ones(3), None
     with pytest.raises(ValueError, match="unknown W8A8 path"):
-        w8a8_linear(torch.ones(2, 8), torch.ones(3, 8, dtype=torch.int8), torch.ones(3), None, path="triton")
+        w8a8_linear(*args, path="triton")
+    with pytest.raises(ValueError, match="runs on CUDA tensors, not cpu"):
+        w8a8_linear(*args, path="fused")
+    layer = QLinear.from_linear(nn.Linear(8, 3), scheme_from_name("w8a8"))
+    layer.w8a8_path = "torch"  # the per-layer override a comparison run uses
+    assert torch.equal(layer(args[0]), w8a8_linear(args[0], layer.qweight, layer.scale, layer.bias))
+    layer.w8a8_path = "fused"
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        layer(args[0])
 
 
 @pytest.mark.skipif(nvrtc_status() is not None, reason="no NVRTC library: pip install '.[nvrtc]'")

@@ -49,7 +49,9 @@ from pascaline.kernels.nvrtc import KernelCompileError, compile_cubin, load_kern
 
 W8A8_PATHS = ("fused", "torch")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FUSED_MAX_K = 12288  # one fp32 token row in shared memory: 48 KiB, the limit of every sm_61+ card
+# One fp32 token row in shared memory, beside the 128-byte reduction scratch, within the 48 KiB
+# every sm_61+ card gives a block without opting in. Every real width (<= 10240) fits.
+FUSED_MAX_K = (48 * 1024 - 128) // 4
 THREADS = 256
 MAX_GRID_Y = 65535
 
@@ -239,10 +241,11 @@ def fused_kernels(index: int) -> FusedKernels:
         cubin = compile_cubin(CUDA_SOURCE, f"sm_{major}{minor}", "pascaline_w8a8.cu")
         with torch.cuda.device(index):
             return FusedKernels(load_kernels(cubin, SIGNATURES), None)
-    except KernelCompileError as exc:
+    except (KernelCompileError, AttributeError) as exc:  # AttributeError: an NVRTC too old for CUBINs
         warnings.warn(
             f"pascaline: the fused W8A8 kernels are unavailable on {torch.cuda.get_device_name(index)} "
-            f"({str(exc).splitlines()[0]}); W8A8 layers run the unfused torch path, correct but slower.",
+            f"({(str(exc) or type(exc).__name__).splitlines()[0]}); W8A8 layers run the unfused torch path, "
+            "correct but slower.",
             RuntimeWarning, stacklevel=2,
         )
         return FusedKernels(None, str(exc))
@@ -278,9 +281,9 @@ def quantize_rows_fused(x: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, 
     # x: [M, K] float32/float16/bfloat16 -> q: int8 [M_pad, K_pad] (zero padding), scale: [M_pad]
     x = x.contiguous()
     m, k = x.shape
-    if k > FUSED_MAX_K or x.dtype not in DTYPE_CODES:
-        raise ValueError(f"the fused quantize kernel takes K <= {FUSED_MAX_K} in fp32/fp16/bf16, got "
-                         f"{x.dtype}[{m}, {k}]")
+    if k > FUSED_MAX_K or x.dtype not in DTYPE_CODES or (block > 1 and k % block):
+        raise ValueError(f"the fused quantize kernel takes K <= {FUSED_MAX_K}, a multiple of the rotation "
+                         f"block, in fp32/fp16/bf16; got {x.dtype}[{m}, {k}] and block {block}")
     m_pad, k_pad = max(m, 17), _round_up(k, 8)
     q = torch.empty(m_pad, k_pad, dtype=torch.int8, device=x.device)
     scale = torch.empty(m_pad, dtype=torch.float32, device=x.device)
@@ -329,6 +332,8 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
     path = w8a8_path(x.device) if path is None else path
     if path not in W8A8_PATHS:
         raise ValueError(f"unknown W8A8 path {path!r}; use one of {W8A8_PATHS}")
+    if path == "fused" and x.device.type != "cuda":
+        raise ValueError(f"the fused W8A8 path runs on CUDA tensors, not {x.device}")
     if path == "fused" and k <= FUSED_MAX_K and x.dtype in DTYPE_CODES and bias_ok(bias):
         q_x, x_scale = quantize_rows_fused(x2, block)  # [M_pad, K_pad], [M_pad]
         acc = _int_mm_padded(q_x, qweight)[: x2.shape[0]]  # [M, N] int32, row stride N_pad

@@ -89,6 +89,9 @@ class QLinear(_KeepsStorage):
     ):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        # W8A8 only: None takes kernels.w8a8.w8a8_path(device); "torch" forces the unfused ops
+        # (a comparison run, or a user's way around a broken driver), "fused" the kernels.
+        self.w8a8_path: str | None = None
         qweight = torch.empty(out_features, in_features, dtype=storage_dtype(scheme), device=device)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", torch.empty(scale_shape(scheme, out_features), device=device))
@@ -128,7 +131,7 @@ class QLinear(_KeepsStorage):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         if isinstance(self.scheme, Int8Dynamic):
-            return w8a8_linear(x, self.qweight, self.scale, self.bias, self.scheme.hadamard)
+            return w8a8_linear(x, self.qweight, self.scale, self.bias, self.scheme.hadamard, self.w8a8_path)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
