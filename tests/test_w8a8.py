@@ -233,7 +233,7 @@ def test_the_kernel_source_compiles_for_pascal_turing_and_hopper(arch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("m,k,n", SHAPES + [(4128, 3840, 40), (70, 10240, 16)])
+@pytest.mark.parametrize("m,k,n", SHAPES + [(4128, 3840, 40), (70, 10240, 16), (0, 64, 8)])
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fused_kernels_equal_their_refs_bit_for_bit(m, k, n, width, dtype):

@@ -287,12 +287,17 @@ def quantize_rows_fused(x: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, 
     m_pad, k_pad = max(m, 17), _round_up(k, 8)
     q = torch.empty(m_pad, k_pad, dtype=torch.int8, device=x.device)
     scale = torch.empty(m_pad, dtype=torch.float32, device=x.device)
-    post = float(post_scale(block)) if block > 1 else 1.0
+    post = _post_value(block) if block > 1 else 1.0
     with torch.cuda.device(x.device):
         _kernel(x.device, "pascaline_quantize_rows")(
             (m_pad, 1, 1), (THREADS, 1, 1), x, DTYPE_CODES[x.dtype], q, scale, m, k, k_pad, block, post,
             shared_bytes=4 * k, stream=torch.cuda.current_stream(x.device))
     return q, scale
+
+
+@functools.cache  # a Python float per rotation width: no tensor made per call
+def _post_value(block: int) -> float:
+    return float(post_scale(block))
 
 
 def epilogue_fused(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -304,6 +309,8 @@ def epilogue_fused(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tens
         raise ValueError(f"the fused epilogue takes a row-major int32 accumulator and fp32/fp16/bf16 output, "
                          f"got strides {acc.stride()} and {dtype}")
     out = torch.empty(m, n, dtype=dtype, device=acc.device)
+    if out.numel() == 0:
+        return out  # no tokens: a launch of 0 blocks would be an error
     bias_code = 0 if bias is None else DTYPE_CODES[bias.dtype]
     grid = (min(-(-n // THREADS), 1024), min(m, MAX_GRID_Y), 1)
     with torch.cuda.device(acc.device):
@@ -322,8 +329,9 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
     """``x @ W.T + bias`` with ``W = qweight * w_scale[:, None]`` (rotated by ``hadamard`` when > 0).
 
     ``hadamard`` is the scheme's rotation width (0: none); ``qweight`` must have been
-    quantized with the same one. ``path`` ``None`` takes ``w8a8_path(x.device)``. The
-    result has ``x``'s dtype.
+    quantized with the same one. ``path`` ``None`` takes ``w8a8_path(x.device)``; inputs
+    the kernels do not take (K > ``FUSED_MAX_K``, float64) run the torch ops on either
+    path. The result has ``x``'s dtype.
     """
     # x: [..., K], qweight: [N, K] int8, w_scale: [N] -> [..., N]
     lead, k, n = x.shape[:-1], x.shape[-1], qweight.shape[0]
