@@ -10,7 +10,7 @@ from torch import nn
 
 from pascaline.errors import InvalidArgumentError, WeightsError
 from pascaline.kernels.int8_matmul import int8_matmul, quantize_activations
-from pascaline.kernels.nvrtc import compile_cubin, nvrtc_status
+from pascaline.kernels.nvrtc import KernelCompileError, _load_first, compile_cubin, nvrtc_status
 from pascaline.kernels.w8a8 import (
     CUDA_SOURCE,
     SIGNATURES,
@@ -227,6 +227,53 @@ def test_the_kernel_source_compiles_for_pascal_turing_and_hopper(arch):
     # NVRTC needs no GPU: the CUDA C is checked here, run under the cuda marker below
     cubin = compile_cubin(CUDA_SOURCE, arch)
     assert cubin[:4] == b"\x7fELF" and all(name.encode() in cubin for name in SIGNATURES)
+
+
+def test_kernel_arguments_reach_the_driver_as_c_values(monkeypatch):
+    # the driver is faked: what a launch would hand cuLaunchKernel, decoded back
+    import ctypes
+
+    from pascaline.kernels import nvrtc
+
+    seen = {}
+
+    class FakeDriver:
+        def cuCtxGetCurrent(self, out):
+            return 0  # leaves NULL: a thread with no current context
+
+        def cuCtxSetCurrent(self, context):
+            seen["context"] = context.value
+            return 0
+
+        def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+            kinds = {"p": ctypes.c_void_p, "i": ctypes.c_int, "f": ctypes.c_float}
+            seen["args"] = [ctypes.cast(params[i], ctypes.POINTER(kinds[k]))[0] for i, k in enumerate("pifp")]
+            seen["launch"] = (function.value, (gx, gy, gz), (bx, by, bz), shared, stream.value)
+            return 0
+
+    monkeypatch.setattr(nvrtc, "_driver", FakeDriver)
+    tensor = torch.zeros(3)
+
+    class Stream:
+        cuda_stream = 77
+
+    kernel = nvrtc.CudaKernel(ctypes.c_void_p(11), "pifp", ctypes.c_void_p(12), ctypes.c_void_p(13))
+    kernel((5, 1, 1), (256, 1, 1), tensor, -7, 0.25, None, shared_bytes=1024, stream=Stream())
+    assert seen["args"] == [tensor.data_ptr(), -7, 0.25, None]  # None: a NULL pointer
+    assert seen["launch"] == (11, (5, 1, 1), (256, 1, 1), 1024, 77) and seen["context"] == 13
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        kernel((1, 1, 1), (32, 1, 1), tensor)
+
+
+def test_a_missing_compiler_is_a_compile_error_that_says_so():
+    with pytest.raises(KernelCompileError, match="no NVRTC library could be loaded .*libnope"):
+        _load_first(["libnope.so.1"], "NVRTC")
+
+
+@pytest.mark.skipif(nvrtc_status() is not None, reason="no NVRTC library: pip install '.[nvrtc]'")
+def test_a_bad_source_is_a_compile_error_with_the_compiler_log():
+    with pytest.raises(KernelCompileError, match=r"(?s)could not compile bad.cu for sm_61:.*undefined_thing"):
+        compile_cubin('extern "C" __global__ void k() { undefined_thing(); }', "sm_61", "bad.cu")
 
 
 # --- the kernels themselves (GPU) -----------------------------------------------------------

@@ -136,9 +136,10 @@ def _check_cuda(result: int, what: str) -> None:
 class CudaKernel:
     """One ``extern "C" __global__`` function of a loaded module; ``signature`` like ``"ppif"``."""
 
-    def __init__(self, function: ctypes.c_void_p, signature: str, module: ctypes.c_void_p):
+    def __init__(self, function: ctypes.c_void_p, signature: str, module: ctypes.c_void_p,
+                 context: ctypes.c_void_p):
         self.function, self.signature = function, signature
-        self._module = module  # the loaded module must outlive its functions
+        self._module, self._context = module, context  # the loaded module must outlive its functions
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], *args,
                  shared_bytes: int = 0, stream: torch.cuda.Stream | None = None) -> None:
@@ -149,6 +150,10 @@ class CudaKernel:
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p)
                                                      for v in values])
         stream = stream or torch.cuda.current_stream()
+        current = ctypes.c_void_p()
+        _driver().cuCtxGetCurrent(ctypes.byref(current))
+        if not current.value:  # a thread whose first CUDA call this is: the runtime set no context yet
+            _check_cuda(_driver().cuCtxSetCurrent(self._context), "context")
         _check_cuda(_driver().cuLaunchKernel(self.function, *grid, *block, shared_bytes,
                                              ctypes.c_void_p(stream.cuda_stream), pointers, None), "launch")
 
@@ -157,12 +162,13 @@ def load_kernels(cubin: bytes, signatures: dict[str, str]) -> dict[str, CudaKern
     """Load ``cubin`` into the current CUDA context; ``{name: signature}`` picks the kernels."""
     torch.cuda.init()
     torch.cuda.current_stream().synchronize()  # the runtime has made the device's primary context current
-    driver, module = _driver(), ctypes.c_void_p()
+    driver, module, context = _driver(), ctypes.c_void_p(), ctypes.c_void_p()
+    _check_cuda(driver.cuCtxGetCurrent(ctypes.byref(context)), "context")
     _check_cuda(driver.cuModuleLoadData(ctypes.byref(module), ctypes.c_char_p(cubin)), "module load")
     kernels = {}
     for name, signature in signatures.items():
         function = ctypes.c_void_p()
         found = driver.cuModuleGetFunction(ctypes.byref(function), module, name.encode())
         _check_cuda(found, f"lookup of {name}")
-        kernels[name] = CudaKernel(function, signature, module)
+        kernels[name] = CudaKernel(function, signature, module, context)
     return kernels
