@@ -203,8 +203,9 @@ def linears(shapes, device: torch.device, args) -> tuple[list, list]:
             if "w8a8_fused" in row["ms"]:
                 row["fused_over_int_mm"] = row["ms"]["w8a8_fused"] / row["ms"]["int_mm_only"]
                 row["fused_speedup_vs_bf16"] = row["ms"]["bf16_linear"] / row["ms"]["w8a8_fused"]
-                if row["ms"]["w8a8_fused"] >= row["ms"]["bf16_linear"]:
-                    profiles.append(profile(variants["w8a8_fused"][0], x, device, f"{m}x{k}x{n}"))
+            target = "w8a8_fused" if "w8a8_fused" in variants else "w8a8_torch"  # the torch ops on a CPU
+            if row["ms"][target] >= row["ms"]["bf16_linear"]:
+                profiles.append(profile(variants[target][0], x, device, f"{target} {m}x{k}x{n}"))
             rows.append(row)
     return rows, profiles
 
