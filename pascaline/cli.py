@@ -272,7 +272,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--blind-start", type=int, default=0, metavar="K", help="first K steps unconditioned")
     p.add_argument("--init-image", metavar="FILE", help="start from this image (img2img, with --denoise)")
     p.add_argument("--denoise", type=float, default=1.0, help="share of the schedule to run (default 1)")
-    p.add_argument("--quant", default="auto", help="auto (default), none, int8, w8a8, fp8-e4m3, fp8-e5m2")
+    p.add_argument("--quant", default="auto",
+                   help="auto (default), none, int8, w8a8, w8a8-rot, fp8-e4m3, fp8-e5m2")
     p.add_argument("--vram-budget", default="auto", metavar="SIZE", help="such as 7GiB (default auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.set_defaults(func=_cmd_generate)
@@ -507,7 +508,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # --- quantize --------------------------------------------------------------------------------
 
-QUANTIZE_SCHEMES = ("int8", "w8a8", "fp8-e4m3", "fp8-e5m2")
+QUANTIZE_SCHEMES = ("int8", "w8a8", "w8a8-rot", "fp8-e4m3", "fp8-e5m2")
 
 
 def _add_quantize(sub) -> None:
@@ -527,6 +528,8 @@ def _add_quantize(sub) -> None:
         help="int8 (default) and w8a8 write the same int8 weights per output channel and record "
         "how they compute where a run asks for no scheme (weights dequantized, or int8 activations "
         "too); with --quant auto, GeForce Pascal and Turing cards run w8a8 either way (see pascaline info). "
+        "w8a8-rot stores int8 weights rotated by a 128-wide Hadamard (robust to outlier activation "
+        "channels) and runs only as w8a8-rot; "
         "fp8-e4m3 and fp8-e5m2 store float8 weights, widened for compute; run such a file with the "
         "same --quant",
     )

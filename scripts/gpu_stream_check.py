@@ -34,7 +34,7 @@ from pascaline.runtime.device import GIB, DeviceCaps, default_budget
 # Activations of one DiT forward at 1024² in bf16 (S = 4096 image + 64 caption tokens):
 # the residual stream, q/k/v, the FFN's two 10240-wide products and their product, plus
 # int8 copies and int32 results for w8a8. The measured peak is reported beside it.
-ACTIVATION_GIB = {"bf16": 1.5, "int8": 1.75, "w8a8": 2.0}
+ACTIVATION_GIB = {"bf16": 1.5, "int8": 1.75, "w8a8": 2.0, "w8a8-rot": 2.0}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pascaline.errors import StateDictError, WrongModelError
-from pascaline.formats.clip import clip_kind, infer_clip_config, load_clip, open_clip
+from pascaline.formats.clip import clip_kind, infer_clip_config, load_clip
 from pascaline.formats.detect import guess_kind
 from pascaline.formats.sd3_tokenizers import load_sd3_tokenizer
 from tests.factories.sd3_text import (
@@ -168,12 +168,11 @@ def test_streamed_equals_resident(files, toks, case):
     )
 
 
-def test_pascaline_quantized_file_loads(tmp_path, files, toks, monkeypatch):
-    """``open_clip`` is all ``quant.files`` needs to write a pre-quantized CLIP file."""
-    from pascaline.quant import files as qfiles
+def test_pascaline_quantized_file_loads(tmp_path, files, toks):
+    """``pascaline quantize`` writes a CLIP-G file (the SD3 family's ``open_clip``) that loads as quantized."""
+    from pascaline.runtime.quantize import quantize_file
 
-    monkeypatch.setitem(qfiles._FAMILIES, "clip-g", open_clip)
-    result = qfiles.quantize_file(files[("clip-g", "comfy")], tmp_path / "clip_g_int8.safetensors", "int8")
+    result = quantize_file(files[("clip-g", "comfy")], tmp_path / "clip_g_int8.safetensors", "int8")
     enc = load_clip(result.path, dtype=torch.float32, tokenizer=toks["clip-g"])
     on_load = load_clip(
         files[("clip-g", "comfy")], dtype=torch.float32, tokenizer=toks["clip-g"], quant="int8"

@@ -30,7 +30,7 @@ from pascaline.runtime.quantize import quantize_file
 from tests.factories.dit import save_diffusers_dit
 from tests.factories.qwen3 import make_qwen3, save_comfy
 
-SCHEMES = ["int8", "w8a8", "fp8-e4m3", "fp8-e5m2"]
+SCHEMES = ["int8", "w8a8", "w8a8-rot", "fp8-e4m3", "fp8-e5m2"]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

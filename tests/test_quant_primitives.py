@@ -14,8 +14,8 @@ from pascaline.kernels.int8_matmul import (
     int8_matmul,
     int8_matmul_ref,
     quantize_activations,
-    w8a8_linear,
 )
+from pascaline.kernels.w8a8 import w8a8_linear
 from pascaline.quant import (
     Fp8WeightOnly,
     Int8Dynamic,

@@ -9,7 +9,7 @@ import torch
 from pascaline.errors import ConfigError, StateDictError, WrongModelError
 from pascaline.formats.detect import guess_kind
 from pascaline.formats.sd3_tokenizers import load_sd3_tokenizer
-from pascaline.formats.t5 import infer_t5_config, is_t5_encoder, load_t5, open_t5
+from pascaline.formats.t5 import infer_t5_config, is_t5_encoder, load_t5
 from tests.factories.sd3_text import (
     clip_state_dict,
     fp8_state_dict,
@@ -175,11 +175,10 @@ def test_streamed_equals_resident(files, tok, case):
     )
 
 
-def test_pascaline_quantized_file_loads(tmp_path, files, tok, monkeypatch):
-    from pascaline.quant import files as qfiles
+def test_pascaline_quantized_file_loads(tmp_path, files, tok):
+    from pascaline.runtime.quantize import quantize_file
 
-    monkeypatch.setitem(qfiles._FAMILIES, "t5-encoder", open_t5)
-    result = qfiles.quantize_file(files["comfy, table twice"], tmp_path / "t5_int8.safetensors", "int8")
+    result = quantize_file(files["comfy, table twice"], tmp_path / "t5_int8.safetensors", "int8")
     enc = load_t5(result.path, dtype=torch.float32, tokenizer=tok)
     on_load = load_t5(files["shared only"], dtype=torch.float32, tokenizer=tok, quant="int8")
     assert all(

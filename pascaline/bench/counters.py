@@ -24,6 +24,7 @@ from pascaline.runtime.memory import DTYPE_BYTES, TokenCounts, token_counts  # n
 QUANT_STORAGE = {
     "int8": (1, 4),
     "w8a8": (1, 4),
+    "w8a8-rot": (1, 4),
     "fp8-e4m3": (1, 4),
     "fp8-e5m2": (1, 4),
     "fp8-e4m3-per-tensor": (1, None),

@@ -4,7 +4,10 @@ Per strategy, the time of one full-depth DiT forward is the largest of three flo
 computed from counted work (``pascaline.bench.counters``) and published peak rates:
 
 - compute: linear FLOPs at the rate of the linear's arithmetic (int8 for W8A8, else the
-  compute dtype) plus attention and the rest at the compute-dtype rate;
+  compute dtype) plus attention and the rest at the compute-dtype rate; a W8A8 linear's
+  quantize and rescale passes add ``GpuSpec.w8a8_overhead`` of its time where that share
+  was measured on the card (``scripts/gpu_w8a8_check.py``), and nothing (the floor) where
+  not;
 - memory: every weight byte read once from VRAM;
 - pcie: the bytes of the streamed blocks over pinned PCIe (copies overlap compute: both
   generations have >= 2 copy engines, legacy-gpus.md §7).
@@ -37,6 +40,11 @@ class GpuSpec:
     int8_tops: float
     vram_gbs: float
     pcie_gbs: float  # pinned host -> device, measured-realistic, not theoretical
+    # Measured share of a fused W8A8 linear's time outside the int8 GEMM (activation
+    # quantization + rescale), from scripts/gpu_w8a8_check.py on this card; None until then.
+    # For scale: Forge's unfused chain took 2.19 s next to 2.62 s of _int_mm per Flux step on a
+    # GTX 1070 (0.46 of the linear time; legacy-gpus.md §5), which the fused kernels replace.
+    w8a8_overhead: float | None = None
 
 
 # legacy-gpus.md §6 (peak table) and §7 (PCIe): every number below is from there.
@@ -85,9 +93,17 @@ def _rate(spec: GpuSpec, dtype: str) -> float:
     return {"fp32": spec.fp32_tflops, "fp16": spec.fp16_tflops}[dtype] * TERA
 
 
+def int8_compute(quant: str | None) -> bool:
+    """Whether ``quant`` runs its linears as int8 GEMMs (``w8a8``, ``w8a8-rot``)."""
+    return quant is not None and (quant == "w8a8" or quant.startswith("w8a8-"))
+
+
 def _compute_seconds(spec: GpuSpec, flops: counters.ForwardFlops, dtype: str, quant: str | None) -> float:
-    linear_rate = spec.int8_tops * TERA if quant == "w8a8" else _rate(spec, dtype)
-    return flops.linear / linear_rate + (flops.attention + flops.per_sample) / _rate(spec, dtype)
+    if int8_compute(quant):
+        linear = flops.linear / (spec.int8_tops * TERA) / (1.0 - (spec.w8a8_overhead or 0.0))
+    else:
+        linear = flops.linear / _rate(spec, dtype)
+    return linear + (flops.attention + flops.per_sample) / _rate(spec, dtype)
 
 
 def _placement(cfg, tokens, storage: str, dtype: str, budget: int, streamed: bool):

@@ -1,4 +1,4 @@
-"""int8 x int8 -> int32 matrix products and the W8A8 linear built on them.
+"""int8 x int8 -> int32 matrix products, and the per-row int8 quantizer (the W8A8 linear is ``w8a8.py``).
 
 ``int8_matmul(a [M, K], b [N, K]) -> int32 [M, N]`` computes ``a @ b.T`` exactly.
 
@@ -102,19 +102,3 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = work.div_(scale[:, None]).round_().clamp_(-INT8_MAX, INT8_MAX)
     return q.to(torch.int8), scale
 
-
-def w8a8_linear(
-    x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``x @ W.T + bias`` with W = qweight * w_scale[:, None], activations int8 per token.
-
-    int32 accumulation; the rescale and bias run in float32; the result has ``x``'s dtype.
-    """
-    # x: [..., K], qweight: [N, K] int8, w_scale: [N]
-    lead = x.shape[:-1]
-    q_x, x_scale = quantize_activations(x.reshape(-1, x.shape[-1]))  # [M, K], [M]
-    acc = int8_matmul(q_x, qweight)  # [M, N] int32
-    y = acc.to(torch.float32) * x_scale[:, None] * w_scale.float()[None, :]
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, qweight.shape[0])

@@ -23,6 +23,14 @@ read it. On a CPU target the same logic runs with synchronous copies and no stre
 ``detach_()`` synchronizes and restores every tensor to its original device, dtype,
 shape, strides and values (Parameters keep their identity). The streamer is for
 inference: its slots are overwritten, so autograd must not save the weights.
+
+``keep_host=True`` is for a model kept between runs (a pipeline's ``generate`` calls):
+``detach_()`` then gives back every device byte but leaves the streamed units bound to
+their packed (pinned) host buffers, and the resident tensors bound to the host tensors
+they were moved from, so the next ``attach_()`` pins, packs and copies nothing on the
+host: it only moves the resident part to the device again. ``release_host_()`` ends that
+(plain tensors again, pinned memory freed). The weights must not change while packed; a
+unit whose tensors were replaced in between is found and packed afresh.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pascaline.offload.host_pool import HostPool
 from pascaline.offload.ledger import MemoryLedger
 from pascaline.offload.plan import (
     OffloadPlan,
@@ -122,115 +131,13 @@ class _Slot:
         self.last_used = 0
 
 
-PINNED_ARENA_BYTES = 4 << 30  # the largest arena: big enough to waste little, small enough to lock
-
-
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _floor_pow2(n: int) -> int:
-    """The largest power of two <= n (0 for n < 1)."""
-    return 1 << (n.bit_length() - 1) if n >= 1 else 0
-
-
-def _pinned_empty(nbytes: int) -> torch.Tensor:
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-
-class HostPool:
-    """Host buffers for packed units: pinned up to ``pin_limit_bytes``, pageable beyond.
-
-    Pinned buffers are carved from arenas whose sizes are powers of two: torch's pinned
-    (caching host) allocator rounds every allocation up to the next power of two, so one
-    block per 184 MB int8 unit would pin 256 MB. An arena is the largest power of two not
-    above what is still expected (``expect``), the room under the cap and ``arena_bytes``,
-    and never smaller than the unit; units are placed one after the other in the first
-    arena with room, and an arena is given back when its last unit is freed. An arena the
-    OS refuses to lock is retried at half the size. ``pinned_bytes`` counts whole arenas
-    (the memory really pinned). ``allocator(nbytes)`` makes one pinned arena (tests pass
-    a pageable stand-in).
-    """
-
-    def __init__(self, pin: bool, pin_limit_bytes: int, *, arena_bytes: int = PINNED_ARENA_BYTES,
-                 allocator=_pinned_empty):
-        self.pin, self.pin_limit_bytes, self.arena_bytes = pin, pin_limit_bytes, arena_bytes
-        self._allocate_arena = allocator
-        self.pinned_bytes = self.pageable_bytes = 0
-        self._expected = 0
-        self._arenas: list[_Arena] = []
-        self._carved: dict[int, _Arena] = {}  # data_ptr of a pinned buffer -> its arena
-
-    def expect(self, nbytes: int) -> None:
-        """Announce the bytes about to be allocated, so arenas are sized to them."""
-        self._expected = nbytes
-
-    def allocate(self, nbytes: int) -> torch.Tensor:
-        buffer = self._carve(nbytes) if self.pin else None
-        self._expected = max(self._expected - aligned(nbytes), 0)
-        if buffer is not None:
-            return buffer
-        self.pageable_bytes += nbytes
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    def free(self, buffer: torch.Tensor) -> None:
-        arena = self._carved.pop(buffer.data_ptr(), None)
-        if arena is None:
-            self.pageable_bytes -= buffer.numel()
-            return
-        arena.live -= 1
-        if arena.live == 0:
-            self._arenas.remove(arena)
-            self.pinned_bytes -= arena.buffer.numel()
-
-    def _carve(self, nbytes: int) -> torch.Tensor | None:
-        arena = next((a for a in self._arenas if a.used + nbytes <= a.buffer.numel()), None)
-        if arena is None:
-            arena = self._new_arena(nbytes)
-            if arena is None:
-                return None
-        start = arena.used
-        arena.used, arena.live = aligned(start + nbytes), arena.live + 1
-        view = arena.buffer[start : start + nbytes]
-        self._carved[view.data_ptr()] = arena
-        return view
-
-    def _new_arena(self, nbytes: int) -> _Arena | None:
-        room = self.pin_limit_bytes - self.pinned_bytes
-        need = _pow2(nbytes)
-        size = max(need, _floor_pow2(min(max(self._expected, nbytes), self.arena_bytes)))
-        refused = False
-        while size >= need:
-            if size <= room:
-                try:
-                    buffer = self._allocate_arena(size)
-                except RuntimeError:  # the OS refused to lock that much: try half
-                    refused = True
-                else:
-                    self.pinned_bytes += size
-                    self._arenas.append(_Arena(buffer))
-                    return self._arenas[-1]
-            size //= 2
-        if refused:  # not even this unit could be locked: pageable from now on
-            self.pin_limit_bytes = self.pinned_bytes
-        return None
-
-
-@dataclass(eq=False)
-class _Arena:
-    buffer: torch.Tensor
-    used: int = 0  # bytes handed out, each unit aligned
-    live: int = 0  # units not freed yet
-
-
 class BlockStreamer:
     """Run ``model`` under a device budget by streaming its units (see the module docstring).
 
     ``plan_or_budget`` is an ``OffloadPlan`` for this model, or a budget in bytes (None:
     no limit) planned with ``activation_bytes`` and ``prefetch``. ``pin_limit_bytes``
     caps pinned host memory (default: half the host RAM). A ``ledger`` receives the bytes
-    placed on the device, under ``name``.
+    placed on the device, under ``name``. ``keep_host``: see the module docstring.
     """
 
     def __init__(
@@ -244,8 +151,10 @@ class BlockStreamer:
         pin_limit_bytes: int | None = None,
         ledger: MemoryLedger | None = None,
         name: str = "model",
+        keep_host: bool = False,
     ):
         self.model, self.device, self.ledger, self.name = model, torch.device(device), ledger, name
+        self.keep_host = keep_host
         if isinstance(plan_or_budget, OffloadPlan):
             self.plan = plan_or_budget
         else:
@@ -253,26 +162,39 @@ class BlockStreamer:
         self.cuda = self.device.type == "cuda"
         self.pool = HostPool(pin=self.cuda, pin_limit_bytes=_default_pin_limit(pin_limit_bytes))
         self.attached = False
+        self.packed = False  # between a keep_host detach_() and the next attach_() or release_host_()
         self._reset_counters()
 
     # --- public ---------------------------------------------------------------------------
 
-    def attach_(self) -> BlockStreamer:
-        """Place the model per the plan and install the hooks."""
+    def attach_(self, plan: OffloadPlan | None = None) -> BlockStreamer:
+        """Place the model per the plan and install the hooks.
+
+        ``plan`` replaces the streamer's plan from now on (another image size between two
+        runs of a kept model); units packed before keep their packing.
+        """
         if self.attached:
             raise RuntimeError("This BlockStreamer is already attached.")
         modules = unit_modules(self.model)
-        self._check_plan(modules)
+        self._check_plan(modules, plan or self.plan)
+        self.plan = plan or self.plan
+        if self.packed and not self._still_packed(modules):
+            self.release_host_()  # the model changed since it was packed: start afresh
         streamed = set(self.plan.streamed)
-        self._units = [_Unit(n, m, n in streamed) for n, m in modules]
+        if not self.packed:
+            self._units = [_Unit(n, m, False) for n, m in modules]
+        for unit in self._units:
+            unit.streamed = unit.name in streamed
         self._streamed = [u for u in self._units if u.streamed]
         self._others = _outside(self.model, self._units)
         self._handles = []
         try:
             self._place_resident_()
-            self.pool.expect(sum(aligned(u.nbytes) for u in self._streamed))
-            for unit in self._streamed:
+            unpacked = [u for u in self._streamed if u.host is None]
+            self.pool.expect(sum(aligned(u.nbytes) for u in unpacked))
+            for unit in unpacked:
                 self._pack_(unit)
+            self.packed = False
             self._slots = [_Slot(self._device_empty(self.plan.slot_bytes)) for _ in range(self.plan.slots)]
             self._account(self.plan.slots * self.plan.slot_bytes)
             self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -280,35 +202,37 @@ class BlockStreamer:
                 self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             self._install_hooks()
         except BaseException:  # out of memory half-way: put back what was placed or packed
-            self.attached = True
-            self.detach_()
+            self._release_device_()
+            self._restore_all_()
             raise
         self.attached = True
         return self
 
     def detach_(self) -> nn.Module:
-        """Remove the hooks and restore every tensor where and as it was; returns the model."""
+        """Remove the hooks and give back every device byte; returns the model.
+
+        Every tensor is restored where and as it was, or, with ``keep_host``, left bound
+        to its host packing for the next ``attach_()`` (see the module docstring).
+        """
         if not self.attached:
             return self.model
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        self._fold_events()
-        for handle in self._handles:
-            handle.remove()
-        for unit in self._units:  # slots freed first: restoring a unit needs room for one copy
-            unit.slot = None
-        self._slots, self._current = [], None
-        for unit in self._units:
-            self._restore_(unit)
-        for entry, tensor in self._others:
-            entry.bind(_restored(entry, tensor))
-        self._others, self._handles = [], []
-        if self.ledger is not None:
-            self.ledger.release(self.name)
-        self._device_bytes = 0
-        self.attached = False
-        if self.cuda:  # torch caches freed pinned blocks, still locked: give them back to the OS
-            getattr(torch._C, "_host_emptyCache", lambda: None)()
+        self._release_device_()
+        if not self.keep_host:
+            self._restore_all_()
+            return self.model
+        for unit in self._streamed:
+            for entry in unit.entries:
+                entry.bind(entry.view(unit.host))
+        for entry, host in self._host_tensors:
+            entry.bind(host)
+        self._host_tensors, self.packed = [], True
+        return self.model
+
+    def release_host_(self) -> nn.Module:
+        """Detach if attached, then turn a kept packing back into plain tensors and free its host buffers."""
+        self.detach_()
+        if self.packed:
+            self._restore_all_()
         return self.model
 
     def __enter__(self) -> BlockStreamer:
@@ -340,12 +264,13 @@ class BlockStreamer:
         self._copy_s = self._stall_s = 0.0
         self._events: list[tuple[str, object, object]] = []
         self._units, self._streamed, self._slots, self._others, self._handles = [], [], [], [], []
+        self._host_tensors: list[tuple[_Entry, torch.Tensor]] = []
         self._current: _Unit | None = None
         self._clock = 0
 
-    def _check_plan(self, modules: list[tuple[str, nn.Module]]) -> None:
+    def _check_plan(self, modules: list[tuple[str, nn.Module]], plan: OffloadPlan) -> None:
         measured = [(n, packed_nbytes(m)) for n, m in modules]
-        if measured != list(self.plan.units):
+        if measured != list(plan.units):
             raise ValueError(
                 f"The plan does not describe this model's units: {measured[:3]}... were measured."
             )
@@ -359,16 +284,48 @@ class BlockStreamer:
     def _device_empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
-    def _place_resident_(self) -> None:
-        """Move the other tensors and the resident units to the device, once."""
-        for entry, tensor in self._others:
-            entry.bind(tensor.to(self.device))
-        self._account(sum(e.nbytes for e, _ in self._others))
+    def _release_device_(self) -> None:
+        """Wait for the device, remove the hooks, free the slots and zero the device accounting."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._fold_events()
+        for handle in self._handles:
+            handle.remove()
+        for unit in self._units:  # slots freed first: restoring a unit needs room for one copy
+            unit.slot = None
+        self._slots, self._current, self._handles = [], None, []
+        if self.ledger is not None:
+            self.ledger.release(self.name)
+        self._device_bytes = 0
+        self.attached = False
+
+    def _restore_all_(self) -> None:
         for unit in self._units:
-            if not unit.streamed:
-                for entry in unit.entries:
-                    entry.bind(entry.current().to(self.device))
-                self._account(unit.nbytes)
+            self._restore_(unit)
+        for entry, tensor in self._others:
+            entry.bind(_restored(entry, tensor))
+        self._others, self._host_tensors, self.packed = [], [], False
+        if self.cuda:  # torch caches freed pinned blocks, still locked: give them back to the OS
+            getattr(torch._C, "_host_emptyCache", lambda: None)()
+
+    def _still_packed(self, modules: list[tuple[str, nn.Module]]) -> bool:
+        """Whether the kept packing still holds the model's streamed tensors (none was replaced)."""
+        if [(u.name, u.module) for u in self._units] != modules:
+            return False
+        return all(e.current().data_ptr() == e.view(u.host).data_ptr() and e.current().shape == e.shape
+                   for u in self._units if u.host is not None for e in u.entries)
+
+    def _place_resident_(self) -> None:
+        """Move the other tensors and the resident units to the device (keeping the host ones if asked)."""
+        moved = [*self._others, *((e, e.current()) for u in self._units if not u.streamed for e in u.entries)]
+        kept = []
+        for entry, tensor in moved:
+            if self.keep_host:
+                kept.append((entry, tensor.detach()))  # an alias of the host storage, for detach_()
+            entry.bind(tensor.to(self.device))
+        self._host_tensors = kept
+        resident_units = sum(u.nbytes for u in self._units if not u.streamed)
+        self._account(sum(e.nbytes for e, _ in self._others) + resident_units)
 
     def _pack_(self, unit: _Unit) -> None:
         """Copy the unit into one host buffer and point its tensors at views of it."""

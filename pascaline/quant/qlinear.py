@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pascaline.errors import StateDictError
-from pascaline.kernels.int8_matmul import w8a8_linear
+from pascaline.kernels.w8a8 import hadamard_block, quantize_rows_ref, unrotate_ref, w8a8_linear
 from pascaline.quant.primitives import (
     dequantize_fp8,
     dequantize_int8_rows,
@@ -45,6 +45,8 @@ def quantize_weight(scheme: Scheme, weight: torch.Tensor) -> tuple[torch.Tensor,
     """``(qweight, scale)`` of a float ``[N, K]`` weight under ``scheme``."""
     if isinstance(scheme, Fp8WeightOnly):
         return quantize_fp8(weight, scheme.fmt, scheme.granularity)
+    if isinstance(scheme, Int8Dynamic) and scheme.hadamard:
+        return quantize_rows_ref(weight, hadamard_block(weight.shape[-1], scheme.hadamard))  # W H, once
     if isinstance(scheme, Int8WeightOnly | Int8Dynamic):
         return quantize_int8_rows(weight)
     raise TypeError(f"{scheme!r} is not a pascaline quantization scheme")
@@ -87,6 +89,9 @@ class QLinear(_KeepsStorage):
     ):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        # W8A8 only: None takes kernels.w8a8.w8a8_path(device); "torch" forces the unfused ops
+        # (a comparison run, or a user's way around a broken driver), "fused" the kernels.
+        self.w8a8_path: str | None = None
         qweight = torch.empty(out_features, in_features, dtype=storage_dtype(scheme), device=device)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", torch.empty(scale_shape(scheme, out_features), device=device))
@@ -114,15 +119,19 @@ class QLinear(_KeepsStorage):
         return {"qweight": qweight, "scale": scale}
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as ``[N, K]`` in ``dtype``."""
+        """The weight as ``[N, K]`` in ``dtype`` (a rotated W8A8 weight rotated back)."""
         if isinstance(self.scheme, Fp8WeightOnly):
             return dequantize_fp8(self.qweight, self.scale, dtype)
-        return dequantize_int8_rows(self.qweight, self.scale, dtype)
+        rotated = dequantize_int8_rows(self.qweight, self.scale)
+        return unrotate_ref(rotated, self._hadamard_block()).to(dtype)
+
+    def _hadamard_block(self) -> int:
+        return hadamard_block(self.in_features, getattr(self.scheme, "hadamard", 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         if isinstance(self.scheme, Int8Dynamic):
-            return w8a8_linear(x, self.qweight, self.scale, self.bias)
+            return w8a8_linear(x, self.qweight, self.scale, self.bias, self.scheme.hadamard, self.w8a8_path)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), bias)
 

@@ -21,6 +21,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "pascaline"
 FP8_FORMATS = ("e4m3fn", "e5m2")
 GRANULARITIES = ("per_channel", "per_tensor")
+HADAMARD_WIDTHS = (0, 64, 128)  # 0: no rotation
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,30 @@ class Int8WeightOnly:
 
 @dataclass(frozen=True)
 class Int8Dynamic:
-    """W8A8: per-channel int8 weights x per-token dynamic int8 activations, int32 accumulation."""
+    """W8A8: per-channel int8 weights x per-token dynamic int8 activations, int32 accumulation.
+
+    ``hadamard`` > 0 (``w8a8-rot``: 128, ``w8a8-rot64``: 64) rotates both sides by a block
+    Hadamard of that width first (``pascaline.kernels.w8a8``), which spreads outlier
+    channels: on a synthetic layer with 1 % of the channels 30x larger, 38.1 dB instead of
+    25.3 dB (unchanged 38.2 dB on Gaussian inputs). The rotation is in the stored weights
+    (``qweight`` holds ``W H``), so it is a storage of its own: a plain int8 or w8a8 file
+    cannot run rotated, nor a rotated file unrotated.
+    """
+
+    hadamard: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hadamard not in HADAMARD_WIDTHS:
+            raise InvalidArgumentError(
+                f"Hadamard rotation width {self.hadamard} is not supported; use one of {HADAMARD_WIDTHS}."
+            )
 
     @property
     def name(self) -> str:
-        return "w8a8"
+        return {0: "w8a8", 128: "w8a8-rot"}.get(self.hadamard, f"w8a8-rot{self.hadamard}")
 
     def to_metadata(self) -> dict:
-        return {"name": self.name}
+        return {"name": "w8a8", "hadamard": self.hadamard} if self.hadamard else {"name": "w8a8"}
 
 
 @dataclass(frozen=True)
@@ -89,7 +106,7 @@ class BackendScheme:
     def to_metadata(self) -> dict:
         raise InvalidArgumentError(
             f"{self.name} is an optional backend for comparison; files are written with int8, "
-            "w8a8, fp8-e4m3 or fp8-e5m2."
+            "w8a8, w8a8-rot, fp8-e4m3 or fp8-e5m2."
         )
 
 
@@ -99,6 +116,8 @@ OWN_SCHEMES = (Int8WeightOnly, Int8Dynamic, Fp8WeightOnly)
 _BY_NAME = {
     "int8": Int8WeightOnly(),
     "w8a8": Int8Dynamic(),
+    "w8a8-rot": Int8Dynamic(hadamard=128),
+    "w8a8-rot64": Int8Dynamic(hadamard=64),
     "fp8-e4m3": Fp8WeightOnly("e4m3fn"),
     "fp8-e5m2": Fp8WeightOnly("e5m2"),
     "fp8-e4m3-per-tensor": Fp8WeightOnly("e4m3fn", "per_tensor"),
@@ -112,7 +131,7 @@ SCHEME_NAMES = tuple(_BY_NAME)
 
 
 def scheme_from_name(name: str) -> Scheme | BackendScheme:
-    """``"int8" | "w8a8" | "fp8-e4m3" | "fp8-e5m2"`` (and the optional ``bnb-*``/``quanto-*``)."""
+    """``"int8" | "w8a8" | "w8a8-rot" | "fp8-e4m3" | "fp8-e5m2"`` (and optional ``bnb-*``/``quanto-*``)."""
     key = name.strip().lower()
     if key not in _BY_NAME:
         raise InvalidArgumentError(
@@ -127,7 +146,11 @@ def scheme_from_dict(spec: Mapping) -> Scheme:
     if kind == "int8":
         return Int8WeightOnly()
     if kind == "w8a8":
-        return Int8Dynamic()
+        hadamard = spec.get("hadamard", 0)
+        if not isinstance(hadamard, int) or hadamard not in HADAMARD_WIDTHS:
+            raise WeightsError(f"the file names a W8A8 rotation {hadamard!r} this pascaline does not know; "
+                               "upgrade pascaline.")
+        return Int8Dynamic(hadamard)
     if kind == "fp8":
         return Fp8WeightOnly(str(spec.get("fmt", "e4m3fn")), str(spec.get("granularity", "per_channel")))
     raise WeightsError(f"the file names an unknown quantization scheme {spec!r}; upgrade pascaline.")
@@ -167,10 +190,17 @@ def scheme_from_metadata(metadata: Mapping[str, str]) -> Scheme | None:
     return scheme_from_dict(record["scheme"])
 
 
+def plain_int8(scheme: Scheme | BackendScheme) -> bool:
+    """Whether ``scheme`` stores unrotated int8 per-channel weights (``int8`` and ``w8a8``)."""
+    return isinstance(scheme, Int8WeightOnly) or (isinstance(scheme, Int8Dynamic) and not scheme.hadamard)
+
+
 def same_storage(a: Scheme | BackendScheme, b: Scheme | BackendScheme) -> bool:
-    """Whether two schemes store weights identically (int8 and W8A8 differ only in the matmul)."""
-    ints = (Int8WeightOnly, Int8Dynamic)
-    return a == b or (isinstance(a, ints) and isinstance(b, ints))
+    """Whether two schemes store weights identically (int8 and W8A8 differ only in the matmul).
+
+    A rotated W8A8 scheme shares its storage with itself only.
+    """
+    return a == b or (plain_int8(a) and plain_int8(b))
 
 
 def resolve_scheme(
@@ -187,7 +217,7 @@ def resolve_scheme(
     if stored is None or asked is None:
         return stored if asked is None else asked
     if not same_storage(asked, stored):
-        runs = "int8 or w8a8" if isinstance(stored, (Int8WeightOnly, Int8Dynamic)) else stored.name
+        runs = "int8 or w8a8" if plain_int8(stored) else stored.name
         raise InvalidArgumentError(
             f"{source} is stored quantized as {stored.name} and runs as {runs}, not {asked.name}; "
             f"use the original bf16 file for {asked.name}."

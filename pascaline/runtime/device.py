@@ -253,6 +253,20 @@ def default_quant(caps: DeviceCaps) -> str | None:
     return "w8a8" if caps.int8_path != "none" else "int8"
 
 
+def w8a8_kernels(caps: DeviceCaps) -> str:
+    """How W8A8 layers quantize and rescale: ``"fused"`` NVRTC kernels or ``"torch"`` ops.
+
+    Fused on every CUDA card with an int8 GEMM (DP4A from sm_61, IMMA from sm_75): the
+    kernels are CUDA C compiled at run time, so they need neither Triton nor torch.compile,
+    which sm_61 lacks. The rule is ``pascaline.kernels.w8a8.select_w8a8_path``, the one the
+    layers apply at run time, where a card whose NVRTC cannot be loaded falls back to
+    ``"torch"`` with one warning.
+    """
+    from pascaline.kernels.w8a8 import select_w8a8_path
+
+    return select_w8a8_path(caps.capability if caps.is_cuda else None)
+
+
 def attention_backend(caps: DeviceCaps) -> str:
     """SDPA backend: ``"flash"`` (sm_80+), ``"mem_efficient"`` (older CUDA), ``"auto"`` on the CPU."""
     if not caps.is_cuda:

@@ -47,17 +47,28 @@ def token_counts(cfg, height: int, width: int, caption_tokens: int) -> TokenCoun
     )
 
 
-def quant_workspace_bytes(tokens: int, dim: int, widest: int, quant: str | None, compute) -> int:
+# W8A8 bytes per token and unit of width beyond the float working set: the input's int8 codes
+# and the int32 accumulator; the torch path's epilogue adds a float32 rescale of the accumulator
+# (and its rotated quantizer a float32 copy of the input, no wider), the fused kernels write the
+# output directly. Either path's codes/accumulator are padded to cuBLASLt's M > 16.
+W8A8_WORKSPACE = {"torch": 1 + 4 + 4, "fused": 1 + 4}
+
+
+def quant_workspace_bytes(tokens: int, dim: int, widest: int, quant: str | None, compute,
+                          w8a8_path: str = "torch") -> int:
     """Temporaries of a quantized linear beyond the float working set (measured to matter on CUDA).
 
-    W8A8: the int8 codes of the input, the int32 accumulator and its fp32 rescale, ``widest``
-    wide. Weight-only schemes: the widest ``dim x widest`` weight dequantized (fp32, then the
-    compute dtype). None: nothing.
+    W8A8 (``w8a8``, ``w8a8-rot``): ``W8A8_WORKSPACE[w8a8_path]`` bytes per token and unit of
+    ``widest``, plus the per-token scales. ``"torch"`` (the default) bounds both paths; a
+    caller that knows the fused kernels run (``runtime.device.w8a8_kernels(caps)``) may
+    pass ``"fused"``. Weight-only schemes: the widest ``dim x widest`` weight dequantized
+    (fp32, then the compute dtype). None: nothing.
     """
     if quant is None:
         return 0
-    if quant == "w8a8":
-        return tokens * widest * (1 + 4 + 4)
+    if quant == "w8a8" or quant.startswith("w8a8-"):
+        rows = max(tokens, 17)
+        return rows * widest * W8A8_WORKSPACE[w8a8_path] + (rows * 4 if w8a8_path == "fused" else 0)
     return dim * widest * (4 + dtype_bytes(compute))
 
 

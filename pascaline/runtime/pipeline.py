@@ -37,7 +37,7 @@ from pascaline.runtime.options import OUTPUTS, GenerateOptions, GenerationReport
 __all__ = ["OUTPUTS", "GenerateOptions", "GenerationReport", "Pipeline", "load_pipeline"]
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total): "load", "encode", "steps", "decode"
-QUANT_NAMES = ("none", "int8", "w8a8", "fp8-e4m3", "fp8-e5m2")
+QUANT_NAMES = ("none", "int8", "w8a8", "w8a8-rot", "fp8-e4m3", "fp8-e5m2")
 # Keep the models in host RAM between calls when they take at most this share of the RAM
 # that was available when the pipeline was loaded.
 KEEP_LOADED_SHARE = 0.5
