@@ -169,7 +169,7 @@ def test_streamed_equals_resident(files, toks, case):
 
 
 def test_pascaline_quantized_file_loads(tmp_path, files, toks):
-    """``pascaline quantize`` writes a CLIP-G file (the SD3 family's ``open_clip``) that loads as quantized."""
+    """``pascaline quantize`` writes a CLIP-G file (via the SD3 family) that loads as it was quantized."""
     from pascaline.runtime.quantize import quantize_file
 
     result = quantize_file(files[("clip-g", "comfy")], tmp_path / "clip_g_int8.safetensors", "int8")
