@@ -206,6 +206,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--blind-start", type=int, default=0, metavar="K", help="first K steps unconditioned")
     p.add_argument("--init-image", metavar="FILE", help="start from this image (img2img, with --denoise)")
     p.add_argument("--denoise", type=float, default=1.0, help="share of the schedule to run (default 1)")
+    p.add_argument("--rounding", default="comfyui", help="8-bit pixels: comfyui (default) or round")
     p.add_argument("--quant", default="auto", help="auto (default), none, int8, w8a8, fp8-e4m3, fp8-e5m2")
     p.add_argument("--vram-budget", default="auto", metavar="SIZE", help="such as 7GiB (default auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -275,7 +276,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     paths = output_paths(args.out, args.count)
     options = GenerateOptions(
         args.prompt, args.negative, width, height, args.steps, args.seed, args.sampler, args.scheduler,
-        args.shift, args.cfg, args.blind_start, args.init_image, args.denoise,
+        args.shift, args.cfg, args.blind_start, args.init_image, args.denoise, rounding=args.rounding,
     ).with_seed()  # fmt: skip
     options.with_seed(options.seed + args.count - 1)  # the last seed must be in range too
     bars = _ProgressBars()

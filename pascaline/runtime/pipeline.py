@@ -63,7 +63,8 @@ class GenerateOptions:
     """Every setting of one image; validated on construction (one sentence per mistake).
 
     ``seed=None`` means "pick one at random when generating"; ``init_image`` is a path or a
-    ``[1, 3, H, W]`` tensor in [-1, 1] and is needed for ``denoise < 1``.
+    ``[1, 3, H, W]`` tensor in [-1, 1] and is needed for ``denoise < 1``. ``rounding`` is the
+    8-bit rule of a PIL image: ``"comfyui"`` (ComfyUI's pixels) or ``"round"`` (diffusers').
     """
 
     prompt: str
@@ -80,6 +81,7 @@ class GenerateOptions:
     init_image: str | Path | torch.Tensor | None = None
     denoise: float = 1.0
     output: str = "pil"
+    rounding: str = "comfyui"
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
@@ -106,6 +108,12 @@ class GenerateOptions:
         if self.output not in OUTPUTS:
             raise InvalidArgumentError(
                 f"output {self.output!r} is unknown; choose one of {', '.join(OUTPUTS)}."
+            )
+        from pascaline.formats.flux_vae import ROUNDINGS
+
+        if self.rounding not in ROUNDINGS:
+            raise InvalidArgumentError(
+                f"rounding {self.rounding!r} is unknown; choose one of {', '.join(ROUNDINGS)}."
             )
 
     def _check_img2img(self) -> None:
@@ -315,6 +323,7 @@ class Pipeline:
         init_image=None,
         denoise: float = 1.0,
         output: str = "pil",
+        rounding: str = "comfyui",
         callback: sampling.StepCallback | None = None,
     ):
         """One image for ``prompt``: a PIL image, or ``output="tensor"`` (fp32 ``[1, 3, H, W]``
@@ -323,7 +332,8 @@ class Pipeline:
         ``seed=None`` picks a random seed (``pipe.last_report.seed`` tells which); the same
         seed gives the same starting noise as ComfyUI and diffusers. ``callback(step, total,
         sigma, latent)`` runs after every sampler step; returning False cancels the run
-        (``sampling.Cancelled`` is raised, the models are freed as usual).
+        (``sampling.Cancelled`` is raised, the models are freed as usual). A PIL image has
+        ComfyUI's 8-bit pixels (``rounding="comfyui"``) or the rounded ones (``"round"``).
         """
         options = GenerateOptions(
             prompt,
@@ -340,6 +350,7 @@ class Pipeline:
             init_image,
             denoise,
             output,
+            rounding,
         )
         return self.run(options, callback=callback)
 
@@ -368,6 +379,7 @@ class Pipeline:
         """The PNG settings of an image made with ``options`` (seed set) by this pipeline."""
         from pascaline.runtime.images import generation_metadata
 
+        init = options.init_image if isinstance(options.init_image, (str, Path)) else None
         if options.seed is None:
             raise InvalidArgumentError("metadata needs the seed the image was made with.")
         models = {"dit": self.files.dit, "text_encoder": self.files.text_encoder, "vae": self.files.vae}
@@ -375,7 +387,8 @@ class Pipeline:
             prompt=options.prompt, negative=options.negative_prompt, seed=options.seed, width=options.width,
             height=options.height, models=models, sampler=options.sampler, scheduler=options.scheduler,
             steps=options.steps, shift=options.shift, cfg=options.cfg, quant=self.quant_label,
-            blind_start=options.blind_start, denoise=options.denoise)  # fmt: skip
+            blind_start=options.blind_start, denoise=options.denoise, rounding=options.rounding,
+            init_image=init)  # fmt: skip
 
     @property
     def quant_label(self) -> str:
@@ -585,7 +598,7 @@ class Pipeline:
             return images
         from pascaline.formats.flux_vae import to_pil
 
-        return to_pil(images)[0]
+        return to_pil(images, rounding=options.rounding)[0]
 
     @contextmanager
     def _vae_on_device(self, vae, part: str, ledger):
