@@ -92,6 +92,17 @@ def node(outputs, required, optional=None):
     return {"outputs": outputs, "required": required, "optional": optional or {}}
 
 
+# the inputs KSampler and KSamplerAdvanced share
+SAMPLING = {
+    "model": "MODEL",
+    "steps": INT(1, 10000),
+    "cfg": FLOAT(0.0, 100.0),
+    "sampler_name": COMBO(*SAMPLERS),
+    "scheduler": COMBO(*SCHEDULERS),
+    "positive": "CONDITIONING",
+    "negative": "CONDITIONING",
+    "latent_image": "LATENT",
+}
 SIGNATURES = {
     "UNETLoader": node(
         ["MODEL"],
@@ -133,34 +144,13 @@ SIGNATURES = {
             "end_percent": FLOAT(0.0, 1.0),
         },
     ),
-    "KSampler": node(
-        ["LATENT"],
-        {
-            "model": "MODEL",
-            "seed": SEED,
-            "steps": INT(1, 10000),
-            "cfg": FLOAT(0.0, 100.0),
-            "sampler_name": COMBO(*SAMPLERS),
-            "scheduler": COMBO(*SCHEDULERS),
-            "positive": "CONDITIONING",
-            "negative": "CONDITIONING",
-            "latent_image": "LATENT",
-            "denoise": FLOAT(0.0, 1.0),
-        },
-    ),
+    "KSampler": node(["LATENT"], {**SAMPLING, "seed": SEED, "denoise": FLOAT(0.0, 1.0)}),
     "KSamplerAdvanced": node(
         ["LATENT"],
         {
-            "model": "MODEL",
+            **SAMPLING,
             "add_noise": COMBO("enable", "disable"),
             "noise_seed": SEED,
-            "steps": INT(1, 10000),
-            "cfg": FLOAT(0.0, 100.0),
-            "sampler_name": COMBO(*SAMPLERS),
-            "scheduler": COMBO(*SCHEDULERS),
-            "positive": "CONDITIONING",
-            "negative": "CONDITIONING",
-            "latent_image": "LATENT",
             "start_at_step": INT(0, 10000),
             "end_at_step": INT(0, 10000),
             "return_with_leftover_noise": COMBO("disable", "enable"),

@@ -246,3 +246,22 @@ def test_bench_enhancer_reports_measured_and_extrapolated_figures():
     assert report["extrapolated"] and report["full_depth_token_s"] > report["token_s"] > 0
     assert report["full_depth_token_s"] == pytest.approx(report["token_s"] + 34 * report["layer_s"])
     assert "(extrapolated)" in format_enhancer(report)
+
+
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2**-7), (torch.float16, 2**-9)]
+)
+def test_int8_tied_logits_are_those_of_the_dequantized_table(dtype, tol):
+    """20,000 rows (two full chunks and a partial one); in fp16 the raw code products would
+    pass 65504 at this hidden size, the down-scaling keeps them finite and exact."""
+    from pascaline.models.qwen3_lm import tied_logits
+    from pascaline.quant.primitives import dequantize_int8_rows
+
+    table = torch.nn.Embedding(20000, 64)
+    torch.nn.init.normal_(table.weight, std=0.05)
+    q = QEmbedding.from_embedding(table).to(dtype)
+    hidden = 40 * torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    expected = hidden.double() @ dequantize_int8_rows(q.qweight, q.scale, torch.float64).T
+    ours = tied_logits(hidden.to(dtype), q)
+    assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+    assert (ours.double() - expected).abs().max() <= tol * expected.abs().max()

@@ -87,9 +87,10 @@ class Family:
 
 
 def _zimage_loaders(g: _Graph, meta: Meta) -> tuple[Link, Link, Link]:
+    model = _unet(g, meta)
     clip = g.add("CLIPLoader", clip_name=_file(meta, "text_encoder"), type="lumina2", device="default")
     vae = g.add("VAELoader", vae_name=_file(meta, "vae"))
-    return _unet(g, meta), _out(clip), _out(vae)
+    return model, _out(clip), _out(vae)
 
 
 def _zimage_patches(g: _Graph, meta: Meta, model: Link) -> Link:

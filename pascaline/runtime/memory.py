@@ -119,13 +119,13 @@ def lm_activation_bytes(
     The prefill is an encoder forward over the prompt (``encoder_activation_bytes``); the KV
     cache of prompt and answer stays for the whole run, and growing it copies one layer's
     part once more; the next-token logits are fp32 (with their softmax on sampling); an int8
-    embedding dequantizes ``LOGIT_ROWS`` vocabulary rows at a time for them.
+    embedding widens ``LOGIT_ROWS`` vocabulary rows at a time to the compute dtype for them.
     """
     from pascaline.models.qwen3_lm import LOGIT_ROWS
 
     cache = kv_cache_bytes(config, prompt_tokens + new_tokens, compute)
     growth = cache // config.num_hidden_layers
     logits = config.vocab_size * (dtype_bytes(compute) + 2 * 4)
-    rows = LOGIT_ROWS * config.hidden_size * (4 + dtype_bytes(compute)) if quant is not None else 0
+    rows = LOGIT_ROWS * config.hidden_size * dtype_bytes(compute) if quant is not None else 0
     prefill = encoder_activation_bytes(config, prompt_tokens, compute, quant)
     return prefill + cache + growth + logits + rows
