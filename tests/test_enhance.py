@@ -17,6 +17,7 @@ from pascaline.quant import QEmbedding, QLinear
 from pascaline.runtime.enhance import (
     STOP_IDS,
     SYSTEM_PROMPT,
+    enhance_from_file,
     enhance_prompt,
     enhance_streamed,
     generate_ids,
@@ -154,6 +155,14 @@ def test_streamed_equals_resident(lm, tok):
     assert streamed == resident
     text = enhance_streamed(lm, PROMPT, budget_bytes=budget, max_new_tokens=NEW)
     assert text == enhance_prompt(lm.model, tok, PROMPT, max_new_tokens=NEW)
+
+
+def test_enhance_from_file_loads_streams_and_answers(files, lm, tok):
+    kwargs = dict(max_new_tokens=8, seed=3)
+    text = enhance_from_file(
+        files["comfy"], PROMPT, dtype=torch.float32, tokenizer=tok, budget_bytes=None, **kwargs
+    )
+    assert text == enhance_prompt(lm.model, tok, PROMPT, **kwargs) and text
 
 
 def test_int8_on_an_int8_grid_model_gives_the_same_tokens(tmp_path, tok):
