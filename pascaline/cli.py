@@ -272,6 +272,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--blind-start", type=int, default=0, metavar="K", help="first K steps unconditioned")
     p.add_argument("--init-image", metavar="FILE", help="start from this image (img2img, with --denoise)")
     p.add_argument("--denoise", type=float, default=1.0, help="share of the schedule to run (default 1)")
+    p.add_argument("--rounding", default="comfyui", help="8-bit pixels: comfyui (default) or round")
     p.add_argument("--quant", default="auto",
                    help="auto (default), none, int8, w8a8, w8a8-rot, fp8-e4m3, fp8-e5m2")
     p.add_argument("--vram-budget", default="auto", metavar="SIZE", help="such as 7GiB (default auto)")
@@ -351,7 +352,7 @@ def _options_from_args(args: argparse.Namespace):
         args.prompt, args.negative, width, height, args.steps, args.seed, args.sampler, args.scheduler,
         args.shift, args.cfg, args.blind_start, args.init_image, args.denoise,
         negative_mode=args.negative_mode, slg_layers=_slg_layers(args.slg_layers), slg_scale=args.slg_scale,
-        slg_start=args.slg_start, slg_end=args.slg_end,
+        slg_start=args.slg_start, slg_end=args.slg_end, rounding=args.rounding,
     ).with_seed()  # fmt: skip
 
 

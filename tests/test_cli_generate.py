@@ -63,7 +63,7 @@ def test_comfy_folder_matches_diffusers_with_count_and_metadata(models, referenc
     out = tmp_path / "fox.png"
     result = run_cli(PROMPT, "--models", str(models.comfy), "--out", str(out), "--seed", str(seed),
                      "--sampler", "euler", "--steps", "8", "--width", "64", "--height", "64",
-                     "--quant", "none", "--device", "cpu", "--count", "2")  # fmt: skip
+                     "--quant", "none", "--device", "cpu", "--count", "2", "--rounding", "round")  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[:2] == [
@@ -96,7 +96,8 @@ def test_diffusers_snapshot_matches_diffusers(models, reference, tmp_path):
     seed = 1234
     out = tmp_path / "wide.png"
     result = run_cli(PROMPT, "--models", str(models.snapshot), "--out", str(out), "--seed", str(seed),
-                     "--sampler", "euler", "--width", "128", "--height", "64", "--quant", "none")  # fmt: skip
+                     "--sampler", "euler", "--width", "128", "--height", "64", "--quant", "none",
+                     "--rounding", "round")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert_same_image(out, reference_image(reference, PROMPT, seed, 128, 64))
     assert read_png_metadata(out)["models"]["dit"]["file"] == "transformer"

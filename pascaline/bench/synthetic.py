@@ -133,6 +133,19 @@ def dit_inputs(
     return x, torch.full((1,), 0.5, device=device), [cap]
 
 
+def qwen3_width_config(layers: int, *, used: int | None = None, hidden: int = 2560, vocab: int = 4096):
+    """Qwen3-4B's widths (hidden 2560, 32/8 heads of 128, FFN 9728) with ``layers`` decoder
+    layers, ``used`` of them built (default all). Another ``hidden`` gives a test size: heads of
+    128, FFN ~3.8x as in Qwen3-4B."""
+    from pascaline.models.qwen3_encoder import VARIANTS as ENC_VARIANTS
+
+    cfg = replace(ENC_VARIANTS["qwen3-4b"], vocab_size=vocab, num_layers=layers, used_layers=used or layers)
+    if hidden != cfg.hidden_size:
+        heads = max(1, hidden // 128)
+        cfg = replace(cfg, hidden_size=hidden, num_heads=heads, num_kv_heads=1, intermediate_size=4 * hidden)
+    return cfg
+
+
 def build_encoder(
     layers: int = 2,
     *,
@@ -147,14 +160,9 @@ def build_encoder(
     The vocabulary is cut to ``vocab`` rows: the 151,936-row table would cost 1.5 GB in fp32
     for a lookup that takes no time. Another ``hidden`` gives a test-size encoder.
     """
-    from pascaline.models.qwen3_encoder import VARIANTS as ENC_VARIANTS
     from pascaline.models.qwen3_encoder import Qwen3Encoder, materialize_rotary_
 
-    cfg = replace(ENC_VARIANTS["qwen3-4b"], vocab_size=vocab, num_layers=layers + 1, used_layers=layers)
-    if hidden != cfg.hidden_size:  # test sizes: heads of 128, FFN ~3.8x as in Qwen3-4B
-        heads = max(1, hidden // 128)
-        cfg = replace(cfg, hidden_size=hidden, num_heads=heads, num_kv_heads=1, intermediate_size=4 * hidden)
-    config = cfg.to_transformers()
+    config = qwen3_width_config(layers + 1, used=layers, hidden=hidden, vocab=vocab).to_transformers()
     with torch.device("meta"):
         model = Qwen3Encoder(config).to(dtype)
     fill_random_(model, seed=seed, device=device)

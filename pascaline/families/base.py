@@ -138,6 +138,7 @@ class Family:
     # schedule per family ("linear" = the diffusers pipeline's sigmas of that family)
     schedulers: Mapping[str, str] = {}
     supports_skip_layers: bool = False
+    comfy = None  # runtime.comfy_workflow.ComfyNodes: the ComfyUI nodes of a PNG's workflow chunk
 
     # --- the declaration, derived -----------------------------------------------------------
 

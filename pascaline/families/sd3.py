@@ -34,6 +34,7 @@ from pascaline.families.base import (
     Variant,
 )
 from pascaline.models.mmdit import VARIANTS as MMDIT_VARIANTS
+from pascaline.runtime.comfy_workflow import ComfyNodes, Graph, model_file, out, unet_loader
 
 CLIP_TOKENS = 77  # one CLIP chunk; T5 pads to at least as many
 
@@ -45,6 +46,38 @@ def _timestep(sigma: torch.Tensor) -> torch.Tensor:
 # ComfyUI's example workflows: ModelSamplingSD3 shift 3, euler, sgm_uniform, an empty-prompt negative
 _COMFY_SAMPLING = dict(shift=3.0, sampler="euler", scheduler="sgm_uniform", negative="empty")
 _KINDS = {"clip_l": "clip-l", "clip_g": "clip-g", "t5": "t5-encoder"}
+
+
+def _comfy_loaders(g: Graph, meta) -> tuple:
+    # CheckpointLoaderSimple for an all-in-one file, else UNETLoader; Triple/DualCLIPLoader; VAELoader
+    models = meta["models"]
+    clip = vae = None
+    if meta.get("dit_kind") == "checkpoint":
+        ckpt = g.add("CheckpointLoaderSimple", ckpt_name=model_file(meta, "dit"))
+        model, clip, vae = out(ckpt, 0), out(ckpt, 1), out(ckpt, 2)
+    else:
+        model = unet_loader(g, meta)
+    if "clip_l" in models or "clip_g" in models:
+        names = {"clip_name1": model_file(meta, "clip_l"), "clip_name2": model_file(meta, "clip_g")}
+        if "t5" in models:
+            clip = out(g.add("TripleCLIPLoader", **names, clip_name3=model_file(meta, "t5")))
+        else:
+            clip = out(g.add("DualCLIPLoader", **names, type="sd3"))
+    if "vae" in models and models["vae"]["file"] != models["dit"]["file"]:
+        vae = out(g.add("VAELoader", vae_name=model_file(meta, "vae")))
+    if clip is None or vae is None:
+        raise ValueError("SD3 metadata needs clip_l/clip_g and vae files, or dit_kind 'checkpoint'")
+    return model, clip, vae
+
+
+def _comfy_patches(g: Graph, meta, model):
+    model = out(g.add("ModelSamplingSD3", model=model, shift=float(meta["shift"])))
+    if meta.get("slg_scale") and meta.get("slg_layers"):
+        layers = ", ".join(str(int(i)) for i in meta["slg_layers"])
+        model = out(g.add("SkipLayerGuidanceSD3", model=model, layers=layers, scale=float(meta["slg_scale"]),
+                          start_percent=float(meta.get("slg_start", 0.01)),
+                          end_percent=float(meta.get("slg_end", 0.15))))  # fmt: skip
+    return model
 
 
 class SD3(Family):
@@ -87,6 +120,7 @@ class SD3(Family):
     # "linear": diffusers' FlowMatchEulerDiscreteScheduler sigmas = ComfyUI's "normal"
     schedulers = {"linear": "normal", "normal": "normal", "sgm_uniform": "sgm_uniform", "simple": "simple"}
     supports_skip_layers = True
+    comfy = ComfyNodes(_comfy_loaders, _comfy_patches, {"linear": "normal"}, zero_negative=lambda meta: False)
     cfg_batching = True
 
     # --- loading ------------------------------------------------------------------------------

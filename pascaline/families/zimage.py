@@ -25,6 +25,7 @@ from pascaline.families.base import (
     Variant,
 )
 from pascaline.models.zimage_dit import VARIANTS as DIT_VARIANTS
+from pascaline.runtime.comfy_workflow import ComfyNodes, Graph, model_file, out, unet_loader
 
 # a prompt of a few dozen words in Qwen3's chat template (info's placement and the bench use it)
 TYPICAL_CAPTION_TOKENS = 64
@@ -32,6 +33,18 @@ TYPICAL_CAPTION_TOKENS = 64
 
 def _timestep(sigma: torch.Tensor) -> torch.Tensor:
     return 1.0 - sigma
+
+
+def _comfy_loaders(g: Graph, meta) -> tuple:
+    # ComfyUI's Z-Image Turbo template: UNETLoader, CLIPLoader of type lumina2 (its Qwen3), VAELoader
+    model = unet_loader(g, meta)
+    clip = g.add("CLIPLoader", clip_name=model_file(meta, "text_encoder"), type="lumina2", device="default")
+    vae = g.add("VAELoader", vae_name=model_file(meta, "vae"))
+    return model, out(clip), out(vae)
+
+
+def _comfy_patches(g: Graph, meta, model):
+    return out(g.add("ModelSamplingAuraFlow", model=model, shift=float(meta["shift"])))
 
 
 class ZImage(Family):
@@ -59,6 +72,9 @@ class ZImage(Family):
     samplers = ("res_multistep", "euler", "dpmpp_2m")
     # "linear": diffusers' ZImagePipeline sigmas; "simple": ComfyUI's (equal at 8 steps)
     schedulers = {"linear": "linear", "simple": "simple"}
+    # ComfyUI's "simple" has the sigmas of our "linear" whenever the step count divides 1000
+    comfy = ComfyNodes(_comfy_loaders, _comfy_patches, {"linear": "simple"},
+                       zero_negative=lambda meta: float(meta["cfg"]) == 1.0 or not meta.get("negative"))
 
     # --- loading ------------------------------------------------------------------------------
 

@@ -301,11 +301,30 @@ class FluxVAE:
         return (mean - cfg.shift_factor) * cfg.scale_factor
 
 
-def to_pil(images: torch.Tensor) -> list:
-    """[B, 3, H, W] in [-1, 1] -> a list of RGB ``PIL.Image`` (rounded to 8 bits)."""
+ROUNDINGS = ("comfyui", "round")
+
+
+def to_uint8(images: torch.Tensor, rounding: str = "comfyui") -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, 3, H, W] on the CPU.
+
+    ``"comfyui"`` (the default) is ComfyUI's rule, so the same latent gives ComfyUI's very
+    pixels: its VAE output ``x = clamp((img + 1) / 2, 0, 1)`` in fp32, then SaveImage's
+    ``np.clip(255 * x, 0, 255).astype(np.uint8)``, a truncation. ``"round"`` rounds to the
+    nearest level (diffusers, A1111): half of all values one level above ComfyUI's.
+    """
+    if rounding not in ROUNDINGS:
+        raise InvalidArgumentError(f"rounding {rounding!r} is unknown; use one of {', '.join(ROUNDINGS)}.")
+    images = images.detach().float().cpu()
+    if rounding == "round":
+        return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (255.0 * x).clamp(0, 255).to(torch.uint8)  # float -> uint8 truncates, as numpy's astype
+
+
+def to_pil(images: torch.Tensor, rounding: str = "comfyui") -> list:
+    """[B, 3, H, W] in [-1, 1] -> a list of RGB ``PIL.Image``, 8 bits by ``to_uint8``'s ``rounding``."""
     from PIL import Image
 
     if images.ndim == 3:
         images = images[None]
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+    return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in to_uint8(images, rounding)]

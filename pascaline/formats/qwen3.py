@@ -5,7 +5,9 @@ without per-tensor ``scale_weight``), a diffusers snapshot's sharded ``text_enco
 (or the snapshot root), and files without the prefix. The config is read from tensor
 shapes; tensors stream one at a time from the memory-mapped file into a meta-built
 ``Qwen3Encoder`` that has no last decoder layer and no final norm (Z-Image never uses
-them), whose keys are therefore skipped by name.
+them), whose keys are therefore skipped by name. ``load_language_model`` reads the same
+files whole (every layer, the final norm, a stored ``lm_head`` if any) into a ``Qwen3LM``
+for prompt enhancement.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pascaline.models.qwen3_encoder import (
     build_encoder,
     materialize_rotary_,
 )
+from pascaline.models.qwen3_lm import Qwen3LM, build_language_model
 from pascaline.quant.schemes import resolve_scheme
 
 # The DiT's caption RoPE table has 1536 positions (axes_lens[0]). A caption of L tokens is
@@ -128,10 +131,14 @@ def _dequantized(source: WeightSource, key: str, tensor: torch.Tensor) -> torch.
     return dequantize_scaled(tensor, source.get(scale_key), f"{source.path}: {key}")
 
 
-def iter_encoder_tensors(source: WeightSource, cfg: Qwen3EncoderConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(canonical_key, tensor)`` one at a time, fp8 weights dequantized, unused ones skipped."""
+def iter_encoder_tensors(
+    source: WeightSource, cfg: Qwen3EncoderConfig, skip: set[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(canonical_key, tensor)`` one at a time, fp8 weights dequantized, the keys in ``skip``
+    (default: those the encoder does not use, ``unused_keys``) left out."""
     keys = source.keys()  # file order (WeightSource is not iterable)
-    skip = unused_keys(cfg, [canonical_key(k) for k in keys])
+    if skip is None:
+        skip = unused_keys(cfg, [canonical_key(k) for k in keys])
     for key in keys:
         name = canonical_key(key)
         if name.endswith(".comfy_quant"):
@@ -181,28 +188,66 @@ def load_text_encoder(
     """
     path = resolve_encoder_path(path)
     with WeightSource(path) as source:
-        shapes = {canonical_key(k): s for k, s in source.shapes().items()}
-        if guess_kind(shapes) != "qwen3-encoder":
-            raise WrongModelError(
-                f"{path} holds {describe(shapes)}, not a Qwen3 text encoder; pass the text encoder "
-                "(ComfyUI text_encoders/qwen_3_4b.safetensors or a diffusers snapshot's text_encoder/)."
-            )
-        cfg = infer_encoder_config(_as_float_shapes(shapes))
+        shapes, cfg = _qwen3_config(source, path)
         tok = _tokenizer_for(path, tokenizer)  # a missing tokenizer fails before the long read
-
-        model = build_encoder(cfg)
-        scheme = resolve_scheme(quant, source.metadata, str(path))
-        keep: list[str] = []
-        if scheme is not None:
-            from pascaline.quant import keep_dtype_keys, quantize_
-
-            quantize_(model, scheme)
-            keep = keep_dtype_keys(model)
         tensors = iter_encoder_tensors(source, cfg)
-        load_state_(model, tensors, dtype=dtype, device=device, source=str(path), keep_dtype=keep)
+        model, _ = _filled(build_encoder(cfg), source, tensors, quant, dtype, device)
+    return TextEncoder(model, tok, config=cfg, max_caption_tokens=max_caption_tokens)
+
+
+def _qwen3_config(source: WeightSource, path: Path) -> tuple[dict[str, tuple[int, ...]], Qwen3EncoderConfig]:
+    """The canonical shapes and the config of a Qwen3 file; another model is refused."""
+    shapes = {canonical_key(k): s for k, s in source.shapes().items()}
+    if guess_kind(shapes) != "qwen3-encoder":
+        raise WrongModelError(
+            f"{path} holds {describe(shapes)}, not a Qwen3 text encoder; pass the text encoder "
+            "(ComfyUI text_encoders/qwen_3_4b.safetensors or a diffusers snapshot's text_encoder/)."
+        )
+    return shapes, infer_encoder_config(_as_float_shapes(shapes))
+
+
+def _filled(model, source: WeightSource, tensors, quant, dtype, device):
+    """``model`` (on meta) quantized per ``quant`` or the file's own scheme, then loaded
+    strictly; returns it with the scheme's name (None: not quantized)."""
+    scheme = resolve_scheme(quant, source.metadata, str(source.path))
+    keep: list[str] = []
+    if scheme is not None:
+        from pascaline.quant import keep_dtype_keys, quantize_
+
+        quantize_(model, scheme)
+        keep = keep_dtype_keys(model)
+    load_state_(model, tensors, dtype=dtype, device=device, source=str(source.path), keep_dtype=keep)
     materialize_rotary_(model, device)
     model.requires_grad_(False)  # inference only: no autograd bookkeeping on any call
-    return TextEncoder(model, tok, config=cfg, max_caption_tokens=max_caption_tokens)
+    return model, None if scheme is None else scheme.name
+
+
+def load_language_model(
+    path, *, dtype=torch.bfloat16, device="cpu", quant=None, tokenizer=None
+) -> LanguageModel:
+    """The whole Qwen3 of a text-encoder file as a causal LM (prompt enhancement).
+
+    The same files as ``load_text_encoder`` (ComfyUI single file, bf16/fp8, a diffusers
+    ``text_encoder/`` or snapshot), read whole: all decoder layers, the final norm, and a
+    stored ``lm_head`` when there is one (Qwen3-4B has none: its output layer is the tied
+    embedding). ``quant`` quantizes the layers' linears and the embedding as for the
+    encoder. A file without its last layer and final norm (pascaline's own trimmed or
+    quantized encoder export) is refused: generating text needs the full model.
+    """
+    path = resolve_encoder_path(path)
+    with WeightSource(path) as source:
+        shapes, cfg = _qwen3_config(source, path)
+        if cfg.used_layers == cfg.num_layers:
+            raise WrongModelError(
+                f"{path} is a Qwen3 text encoder without its last decoder layer and final norm "
+                "(pascaline's trimmed or quantized export); prompt enhancement needs the full model, "
+                "so pass the original file (ComfyUI qwen_3_4b.safetensors or a diffusers text_encoder/)."
+            )
+        tok = _tokenizer_for(path, tokenizer)
+        model = build_language_model(cfg, tied="lm_head.weight" not in shapes)
+        tensors = iter_encoder_tensors(source, cfg, skip=set())
+        model, scheme = _filled(model, source, tensors, quant, dtype, device)
+    return LanguageModel(model, tok, config=cfg, quant=scheme)
 
 
 def _tokenizer_for(weights: Path, tokenizer):
@@ -302,3 +347,16 @@ class TextEncoder:
         # hidden: [B, L, hidden] = the full model's hidden_states[-2]
         hidden = self.model(input_ids=batch.to(device), attention_mask=mask.to(device)).last_hidden_state
         return [hidden[i, :n].clone() for i, n in enumerate(lengths)]
+
+
+class LanguageModel:
+    """A loaded ``Qwen3LM`` with its tokenizer, the config read from its file and the name of
+    the scheme its layers were quantized with (None: not quantized)."""
+
+    def __init__(self, model: Qwen3LM, tokenizer, *, config: Qwen3EncoderConfig, quant: str | None = None):
+        self.model, self.tokenizer, self.config, self.quant = model, tokenizer, config, quant
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (norms are never quantized, so theirs is the model's)."""
+        return self.model.norm.weight.dtype

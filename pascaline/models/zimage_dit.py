@@ -43,6 +43,10 @@ class ZImageDiTConfig:
     axes_lens: tuple[int, int, int] = (1536, 512, 512)
     rope_theta: float = 256.0
     norm_eps: float = 1e-5
+    # q/k RMSNorm eps: 1e-5 as the official code and diffusers. None is ComfyUI's: its NextDiT
+    # builds them with no eps, i.e. F.rms_norm's default, which torch documents as
+    # finfo(dtype).eps but computes as fp32's (1.2e-7) for bf16/fp16 too. README "qk-norm eps".
+    qk_norm_eps: float | None = 1e-5
     t_scale: float = 1000.0
     seq_multiple: int = 32
 
@@ -59,6 +63,8 @@ class ZImageDiTConfig:
         if sum(self.axes_dims) != self.head_dim or any(d % 2 for d in self.axes_dims):
             raise ConfigError(f"RoPE axes_dims {tuple(self.axes_dims)} must be even and sum to "
                               f"head_dim {self.head_dim} (dim {self.dim} / {self.n_heads} heads).")
+        if self.qk_norm_eps is not None and not self.qk_norm_eps > 0:
+            raise ConfigError(f"qk_norm_eps must be positive or None (ComfyUI's), got {self.qk_norm_eps}.")
         if len(self.axes_lens) != len(self.axes_dims) or self.t_freq_dim % 2:
             raise ConfigError(f"axes_lens {tuple(self.axes_lens)} needs one entry per RoPE axis and "
                               f"t_freq_dim {self.t_freq_dim} must be even.")
@@ -109,8 +115,9 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_eps = cfg.qk_norm_eps  # None: F.rms_norm's own default, as ComfyUI (see _qk_norm)
+        self.q_norm = RMSNorm(cfg.head_dim, self.qk_eps or cfg.norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, self.qk_eps or cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         # x: [B, S, dim]; rope: [B, S, 1, Dh/2]; key_mask: [B, S] or None
@@ -126,7 +133,9 @@ class Attention(nn.Module):
     def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         # qk: [B, S, 2, H, Dh]; q_norm and k_norm in one pass (same math as each RMSNorm module)
         weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # [2, 1, Dh]
-        normed = F.rms_norm(qk.float(), (qk.shape[-1],), None, self.q_norm.eps)
+        # qk_eps None hands F.rms_norm no eps, as ComfyUI does (it upcasts half inputs to fp32 and
+        # takes fp32's epsilon, so the fp32 upcast here gives the same value)
+        normed = F.rms_norm(qk.float(), (qk.shape[-1],), None, self.qk_eps)
         return normed.to(qk.dtype) * weight
 
 

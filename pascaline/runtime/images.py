@@ -1,10 +1,12 @@
 """Images in and out: PNGs that carry their settings, output names, init images.
 
-A PNG we write holds two text chunks:
+A PNG we write holds three text chunks:
 - ``parameters``: the A1111 infotext that image browsers, Civitai and "PNG Info" tabs read
   (prompt, ``Negative prompt: ...``, then ``Key: value, ...``);
 - ``pascaline``: the same settings as JSON (``generation_metadata``), which
-  ``read_png_metadata`` gives back as the dict that was written.
+  ``read_png_metadata`` gives back as the dict that was written;
+- ``prompt``: the same generation as a ComfyUI API-format workflow (``comfy_workflow``), so
+  dropping the PNG on ComfyUI's canvas brings the graph back.
 Files are written under a temporary name in the target folder and renamed, so a crash or
 a cancel never leaves a half-written image under the requested name.
 """
@@ -24,6 +26,7 @@ from pascaline.errors import InvalidArgumentError, MissingFileError
 
 METADATA_KEY = "pascaline"
 PARAMETERS_KEY = "parameters"
+COMFY_KEY = "prompt"  # the chunk ComfyUI's SaveImage writes and its frontend loads
 METADATA_VERSION = 1
 _ROLE_LABELS = {"text_encoder": "Text encoder", "vae": "VAE"}  # others: clip_l -> CLIP-L
 _MIB = 1 << 20
@@ -91,31 +94,37 @@ def generation_metadata(
     denoise: float = 1.0,
     family: str | None = None,
     variant: str | None = None,
-    guidance: Mapping[str, Any] | None = None,
+    init_image: str | Path | None = None,
+    original_prompt: str | None = None,
+    rounding: str = "comfyui",
+    extra: Mapping[str, Any] | None = None,
     without: list[str] | None = None,
 ) -> dict[str, Any]:
     """The settings of one image as a JSON-ready dict (what the ``pascaline`` chunk holds).
 
-    ``models`` maps a role (``dit``, ``text_encoder``, ``clip_l``, ``vae``...) to the file or
-    folder used; ``family``/``variant`` name the model; ``guidance`` holds the family's
-    guidance settings (negative mode, skip-layer guidance); ``without`` the optional
+    ``models`` maps a role to the file or folder used: ``dit``, ``text_encoder``, ``vae`` for
+    Z-Image; ``dit``, ``clip_l``, ``clip_g``, ``t5`` (absent without T5), ``vae`` for SD3.
+    ``family``/``variant`` name the model. ``prompt`` is the text that was encoded;
+    ``original_prompt`` the user's text when it was enhanced first. ``init_image`` is the
+    img2img source file (recorded as its name and quickhash). ``rounding`` is the 8-bit rule
+    of the pixels (``to_pil``). ``extra`` adds a family's own settings at the top level
+    (guidance: ``negative_mode``; SD3 also ``dit_kind``, ``slg_layers``, ``slg_scale``,
+    ``slg_start``, ``slg_end``; see ``comfy_workflow``); ``without`` lists the optional
     components the run left out (``["t5"]``).
     """
-    extra: dict[str, Any] = {}
-    if family is not None:
-        extra |= {"family": family, "variant": variant}
-    if guidance:
-        extra |= dict(guidance)
-    if without:
-        extra["without"] = list(without)
-    return extra | {
-        "format_version": METADATA_VERSION, "pascaline_version": __version__,
+    meta = {
+        "format_version": METADATA_VERSION, "pascaline_version": __version__, "family": family,
         "prompt": prompt, "negative": negative or "", "seed": int(seed), "sampler": sampler,
         "scheduler": scheduler, "steps": int(steps), "shift": float(shift), "cfg": float(cfg),
         "width": int(width), "height": int(height), "quant": quant or "none",
-        "blind_start": int(blind_start), "denoise": float(denoise),
+        "blind_start": int(blind_start), "denoise": float(denoise), "rounding": rounding,
         "models": {role: model_record(path) for role, path in models.items()},
     }  # fmt: skip
+    optional = {"variant": variant, "original_prompt": original_prompt, "without": without or None,
+                "init_image": None if init_image is None else model_record(init_image)}  # fmt: skip
+    meta.update({k: v for k, v in optional.items() if v is not None})
+    meta.update(extra or {})
+    return meta
 
 
 def _quote(value: Any) -> str:
@@ -146,7 +155,7 @@ def format_parameters(meta: Mapping[str, Any]) -> str:
         fields.append(("Blind start", meta["blind_start"]))
     fields.append(("Quant", meta.get("quant", "none")))
     if meta.get("variant"):
-        fields.append(("Model family", meta["variant"]))
+        fields.append(("Variant", meta["variant"]))
     if meta.get("slg_scale") and meta.get("slg_layers"):
         layers = ",".join(str(i) for i in meta["slg_layers"])
         window = f"{meta['slg_start']}-{meta['slg_end']}"
@@ -169,14 +178,21 @@ def format_parameters(meta: Mapping[str, Any]) -> str:
 
 
 def save_png(image, path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write a PIL ``image`` to ``path`` with both metadata chunks, atomically (temp name + rename)."""
+    """Write a PIL ``image`` to ``path`` with its metadata chunks, atomically (temp name + rename).
+
+    ``parameters`` and ``pascaline`` always; ComfyUI's ``prompt`` when ``meta`` names its family."""
     from PIL.PngImagePlugin import PngInfo
+
+    from pascaline.runtime.comfy_workflow import comfy_prompt
 
     path = Path(path)
     info = PngInfo()
     if meta is not None:
         info.add_text(PARAMETERS_KEY, format_parameters(meta))  # falls back to iTXt for non-Latin-1 text
         info.add_text(METADATA_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+        if meta.get("family") is not None:  # the model family says which ComfyUI nodes describe it
+            # json.dumps' default ASCII escapes keep this a tEXt chunk, as ComfyUI writes it
+            info.add_text(COMFY_KEY, json.dumps(comfy_prompt(meta)))
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with tmp.open("xb") as f:

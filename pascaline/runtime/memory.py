@@ -171,3 +171,30 @@ def t5_activation_bytes(config, tokens: int, compute, quant: str | None = None) 
     attention = heads * tokens * tokens * (4 + dtype_bytes(compute))  # scores + the shared bias
     workspace = quant_workspace_bytes(tokens, d_model, d_ff, quant, compute)
     return int((block + fp32 + attention) * 1.25) + workspace
+
+
+def kv_cache_bytes(config, tokens: int, compute) -> int:
+    """Bytes of a Qwen3 KV cache holding ``tokens`` positions: keys and values of every layer."""
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return per_token * tokens * dtype_bytes(compute)
+
+
+def lm_activation_bytes(
+    config, prompt_tokens: int, new_tokens: int, compute, quant: str | None = None
+) -> int:
+    """Device bytes a Qwen3 LM generating ``new_tokens`` after a ``prompt_tokens`` prompt needs
+    beside its weights.
+
+    The prefill is an encoder forward over the prompt (``encoder_activation_bytes``); the KV
+    cache of prompt and answer stays for the whole run, and growing it copies one layer's
+    part once more; the next-token logits are fp32 (with their softmax on sampling); an int8
+    embedding widens ``LOGIT_ROWS`` vocabulary rows at a time to the compute dtype for them.
+    """
+    from pascaline.models.qwen3_lm import LOGIT_ROWS
+
+    cache = kv_cache_bytes(config, prompt_tokens + new_tokens, compute)
+    growth = cache // config.num_hidden_layers
+    logits = config.vocab_size * (dtype_bytes(compute) + 2 * 4)
+    rows = LOGIT_ROWS * config.hidden_size * dtype_bytes(compute) if quant is not None else 0
+    prefill = encoder_activation_bytes(config, prompt_tokens, compute, quant)
+    return prefill + cache + growth + logits + rows

@@ -52,7 +52,8 @@ class GenerateOptions:
     is the zeroed positive (``"zero"``, ComfyUI's ConditioningZeroOut: Z-Image's template) or
     the empty prompt encoded (``"empty"``: SD3's examples); None = the family's choice; a
     negative prompt, when given, is always encoded. ``slg_*``: SD3.5's skip-layer guidance (the
-    blocks skipped, the scale, and the window as fractions of the timestep range).
+    blocks skipped, the scale, and the window as fractions of the timestep range). ``rounding``
+    is the 8-bit rule of a PIL image: ``"comfyui"`` (ComfyUI's pixels) or ``"round"`` (diffusers').
     """
 
     prompt: str
@@ -74,6 +75,7 @@ class GenerateOptions:
     slg_scale: float | None = None
     slg_start: float | None = None
     slg_end: float | None = None
+    rounding: str = "comfyui"
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
@@ -101,6 +103,12 @@ class GenerateOptions:
                 f"output {self.output!r} is unknown; choose one of {', '.join(OUTPUTS)}."
             )
         self._check_guidance()
+        from pascaline.formats.flux_vae import ROUNDINGS
+
+        if self.rounding not in ROUNDINGS:
+            raise InvalidArgumentError(
+                f"rounding {self.rounding!r} is unknown; choose one of {', '.join(ROUNDINGS)}."
+            )
 
     def check_blind_start(self) -> None:
         steps, k = self.steps, self.blind_start

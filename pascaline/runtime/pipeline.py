@@ -256,15 +256,22 @@ class Pipeline:
             raise InvalidArgumentError("metadata needs the seed the image was made with.")
         o = self.resolve(options)
         models = {role: where.path for role, where in self.files.located.items()}
-        guidance = {"negative_mode": o.negative_mode}
+        dit_path = self.files.where(self.family.dit.role).path
+        extra = {
+            # what the unconditional branch was: the negative text (or "" encoded), or the zeroed positive
+            "negative_mode": "text" if len(self._prompts(o)) > 1 else "zero",
+        }
+        extra["dit_kind"] = ("checkpoint" if sum(w.path == dit_path for w in self.files.located.values()) > 1
+                             else "diffusion_model")
         if self.family.supports_skip_layers:
-            guidance |= {"slg_layers": list(o.slg_layers or ()), "slg_scale": o.slg_scale,
-                         "slg_start": o.slg_start, "slg_end": o.slg_end}  # fmt: skip
+            extra |= {"slg_layers": list(o.slg_layers or ()), "slg_scale": o.slg_scale,
+                      "slg_start": o.slg_start, "slg_end": o.slg_end}  # fmt: skip
         return generation_metadata(
             prompt=o.prompt, negative=o.negative_prompt, seed=o.seed, width=o.width, height=o.height,
             models=models, sampler=o.sampler, scheduler=o.scheduler, steps=o.steps, shift=o.shift, cfg=o.cfg,
             quant=self.quant_label, blind_start=o.blind_start, denoise=o.denoise, family=self.family.name,
-            variant=self.variant.name, guidance=guidance,
+            variant=self.variant.name, extra=extra, rounding=o.rounding,
+            init_image=o.init_image if isinstance(o.init_image, (str, Path)) else None,
             without=[c.role for c in self.family.components if c.role not in self.files.located],
         )  # fmt: skip
 
@@ -513,7 +520,7 @@ class Pipeline:
             return images
         from pascaline.formats.flux_vae import to_pil
 
-        return to_pil(images)[0]
+        return to_pil(images, rounding=options.rounding)[0]
 
     @contextmanager
     def _vae_on_device(self, vae, part: str, ledger):

@@ -8,6 +8,7 @@ scaled fp8) or as a diffusers snapshot's sharded ``text_encoder/`` with an index
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -143,3 +144,49 @@ def reference_features(model, ids: list[list[int]]) -> list[torch.Tensor]:
         hs = model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states
         out.append(hs[-2][0])
     return out
+
+
+def _int8_grid(shape: torch.Size, std: float, g: torch.Generator) -> torch.Tensor:
+    """Values ``k * 2**-e`` with integers ``|k| <= 127`` and one ``±127`` per row: int8 per row
+    represents them exactly (the scale is the power of two), with a spread near ``std``."""
+    k = torch.randint(-127, 128, tuple(shape), generator=g, dtype=torch.int64).float()
+    k[..., 0] = 127.0 * torch.where(k[..., 0] < 0, -1.0, 1.0)
+    return k * 2.0 ** round(math.log2(std / 73.3))  # uniform integers in [-127, 127] have std 73.3
+
+
+@torch.no_grad()
+def make_qwen3_lm(seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = True, grid: bool = False,
+                  **overrides):
+    """A random full ``Qwen3ForCausalLM`` (the generation reference), tied by default.
+
+    Unit-variance embeddings and matrices of std 0.4 make the tiny model's greedy answer a
+    varied sequence (with transformers' init, or ``make_qwen3``'s, it repeats one token), so
+    token-for-token agreement means something. ``grid=True`` puts every matrix on an int8
+    grid (``_int8_grid``), where int8 weight-only quantization is exact.
+    """
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(qwen3_config(tie_word_embeddings=tied, **overrides)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            continue
+        std = 1.0 if name.endswith("embed_tokens.weight") else 0.4
+        p.copy_(_int8_grid(p.shape, std, g) if grid else std * torch.randn(p.shape, generator=g))
+    if tied:
+        model.tie_weights()
+    return model.to(dtype)
+
+
+def save_comfy_lm(model, path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A causal LM as ComfyUI's text-encoder file: ``model.*`` keys, plus ``lm_head.weight``
+    only when the head is not tied (a tied one is never stored, as in Qwen3-4B)."""
+    sd = comfy_state_dict(model.model, dtype)
+    if not model.config.tie_word_embeddings:
+        sd["lm_head.weight"] = model.lm_head.weight.to(dtype).contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
