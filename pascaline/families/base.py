@@ -216,8 +216,9 @@ class Family:
         """One output per prompt (on the CPU) from the encoder of ``role``."""
         raise NotImplementedError
 
-    def assemble(self, outputs: Mapping[str, list], count: int) -> list:
-        """The conditioning of each of ``count`` prompts from the encoders' outputs by role."""
+    def assemble(self, outputs: Mapping[str, list], count: int, config) -> list:
+        """The conditioning of each of ``count`` prompts from the encoders' outputs by role, for a
+        diffusion model of ``config``."""
         raise NotImplementedError
 
     def cond_tokens(self, cond) -> int:

@@ -228,20 +228,33 @@ class SD3(Family):
     def encoder_activation_bytes(self, role, encoder, prompts, dtype, quant) -> int:
         from pascaline.runtime.memory import clip_activation_bytes, t5_activation_bytes
 
-        tokens = max(len(t.ids) for t in encoder.tokenize(list(prompts)))
-        estimate = t5_activation_bytes if role == "t5" else clip_activation_bytes
-        return estimate(encoder.config, tokens, dtype, quant, batch=len(prompts))
+        # every chunk of every prompt runs, plus an empty one per weighted prompt
+        tokens = encoder.tokenize(list(prompts))
+        if role == "t5":
+            count = sum(len(c) for t in tokens for c in t.ids)
+            count += sum(len(t.ids[0]) for t in tokens if t.weighted)
+            return t5_activation_bytes(encoder.config, count, dtype, quant)
+        chunks = sum(len(t.ids) + int(t.weighted) for t in tokens)
+        return clip_activation_bytes(encoder.config, chunks, dtype, quant)
 
     def encode(self, role, encoder, prompts) -> list:
-        return encoder.encode(list(prompts))
+        from pascaline.formats.sd3_text import EncoderOutput
 
-    def assemble(self, outputs: Mapping[str, list], count: int) -> list:
-        from pascaline.formats.sd3_text import assemble_sd3
+        return [EncoderOutput(o.hidden.cpu(), None if o.pooled is None else o.pooled.cpu())
+                for o in encoder.encode(list(prompts))]  # fmt: skip
+
+    def assemble(self, outputs: Mapping[str, list], count: int, config) -> list:
+        from pascaline.formats.sd3_text import SD3Widths, assemble_sd3
 
         def of(role: str, i: int):
             return outputs[role][i] if role in outputs else None
 
-        return [assemble_sd3(of("clip_l", i), of("clip_g", i), of("t5", i)) for i in range(count)]
+        # widths from the encoders that ran and the MMDiT they feed (a test model is narrower)
+        widths = SD3Widths(clip_l=outputs["clip_l"][0].hidden.shape[-1],
+                           clip_g=outputs["clip_g"][0].hidden.shape[-1],
+                           context=config.context_dim)  # fmt: skip
+        return [assemble_sd3(of("clip_l", i), of("clip_g", i), of("t5", i), widths=widths)
+                for i in range(count)]
 
     def cond_tokens(self, cond) -> int:
         return cond[0].shape[0]

@@ -156,7 +156,7 @@ class ZImage(Family):
     def encode(self, role, encoder, prompts) -> list:
         return [f.to("cpu") for f in encoder.encode(list(prompts))]
 
-    def assemble(self, outputs: Mapping[str, list], count: int) -> list:
+    def assemble(self, outputs: Mapping[str, list], count: int, config) -> list:
         return list(outputs["text_encoder"])  # one [L, 2560] caption per prompt
 
     def cond_tokens(self, cond) -> int:

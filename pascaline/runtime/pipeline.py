@@ -418,7 +418,7 @@ class Pipeline:
                     with self._placed(encoder.model, role, act, ledger, report):
                         outputs[role] = self.family.encode(role, encoder, prompts)
                 self._report("encode", i + 1, len(roles))
-        conds = self.family.assemble(outputs, len(prompts))
+        conds = self.family.assemble(outputs, len(prompts), self.dit_config())
         self._captions = (key, conds)
         return conds
 
