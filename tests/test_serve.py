@@ -226,3 +226,15 @@ def test_health_needs_no_token_and_models_lists_the_loaded_one(server, client):
     wait_done(client, finished["id"])
     again = client.delete(f"/v1/jobs/{finished['id']}")
     assert again.status_code == 409 and "has already finished (done)" in again.json()["error"]["message"]
+
+
+def test_img2img_job_takes_a_base64_init_image(client):
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 64), (30, 140, 200)).save(buffer, format="PNG")
+    init = base64.b64encode(buffer.getvalue()).decode()
+    job = submit(client, prompt="from an image", seed=9, init_image=init, denoise=0.5, **TINY)
+    assert job["request"]["init_image"] == f"<base64 image, {len(init)} characters>"  # not echoed back
+    done = wait_done(client, job["id"])
+    assert done["result"]["metadata"]["denoise"] == 0.5
+    plain = wait_done(client, submit(client, prompt="from an image", seed=9, **TINY)["id"])
+    assert client.get(done["result"]["url"]).content != client.get(plain["result"]["url"]).content

@@ -65,14 +65,13 @@ class JobRequest:
     """A validated request: the options of one image and the settings of the pipeline it needs."""
 
     options: GenerateOptions  # seed set
-    load: tuple[tuple[str, Any], ...]  # load-level settings, sorted by name
+    load: dict[str, Any]  # load-level settings that differ from load_pipeline's defaults (its kwargs)
     record: dict[str, Any]  # the JSON form, seed included (what a job table stores)
 
     @property
     def pipeline_key(self) -> tuple[tuple[str, Any], ...]:
-        """Equal keys share one loaded pipeline; ``()`` is the server's own default."""
-        return self.load
-
+        """Equal keys share one loaded pipeline; ``()`` is the server's own (no load-level setting)."""
+        return tuple(sorted((k, _frozen(v)) for k, v in self.load.items()))
 
 
 def public_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,10 +116,9 @@ def load_fields() -> dict[str, Field]:
     return out
 
 
-def request_fields(exclude: Sequence[str] = ()) -> dict[str, Field]:
-    """Every field a request may carry (generate-level, then load-level), less ``exclude``."""
-    fields = {**generate_fields(), **load_fields()}
-    return {name: f for name, f in fields.items() if name not in exclude}
+def request_fields() -> dict[str, Field]:
+    """Every field a request may carry: generate-level, then load-level."""
+    return {**generate_fields(), **load_fields()}
 
 
 def _check_wire_type(name: str, annotation: Any) -> None:
@@ -134,14 +132,13 @@ def _check_wire_type(name: str, annotation: Any) -> None:
 # ---------------------------------------------------------------------------- parsing
 
 
-def parse_request(data: Any, *, exclude: Sequence[str] = ()) -> JobRequest:
-    """Check ``data`` (a JSON object) and turn it into a ``JobRequest``; ``exclude`` names fields
-    an endpoint takes in another form (the OpenAI endpoint's ``size`` stands for width/height)."""
+def parse_request(data: Any) -> JobRequest:
+    """Check ``data`` (a JSON object) and turn it into a ``JobRequest`` (one sentence per mistake)."""
     from pascaline.runtime.pipeline import GenerateOptions
 
     if not isinstance(data, Mapping):
         raise RequestError(f"the request must be a JSON object, not {_json_kind(data)}.")
-    fields = request_fields(exclude)
+    fields = request_fields()
     unknown = [name for name in data if name not in fields]
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r}; the accepted fields are {', '.join(fields)}.")
@@ -155,7 +152,8 @@ def parse_request(data: Any, *, exclude: Sequence[str] = ()) -> JobRequest:
         generate["init_image"] = decode_init_image(generate["init_image"], generate)
     options = GenerateOptions(**generate).with_seed()
     record = {**values, "seed": options.seed}
-    load = tuple(sorted((k, _frozen(v)) for k, v in values.items() if fields[k].group == "load"))
+    # a load-level setting equal to load_pipeline's default is the server's own pipeline
+    load = {k: v for k, v in values.items() if fields[k].group == "load" and v != fields[k].default}
     return JobRequest(options, load, record)
 
 

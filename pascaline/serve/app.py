@@ -40,6 +40,7 @@ from pascaline.serve.worker import JobFinishedError, JobNotFoundError, JobServic
 
 FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")  # <job id>.png: the only names /v1/files serves
 MAX_IMAGES = 10  # OpenAI's own limit on n
+MAX_BODY_BYTES = 48 << 20  # a request with a base64 init image of 32 MiB still fits
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
@@ -149,6 +150,22 @@ def _install_error_handlers(app: FastAPI) -> None:
                               "its log has the details.", "server_error")  # fmt: skip
 
 
+class _BodyLimit:
+    """Refuse a request whose declared body is larger than ``limit`` before reading it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                message = f"the request body is larger than {self.limit >> 20} MiB; send a smaller one."
+                await error_response(413, message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------- the app
 
 
@@ -187,6 +204,7 @@ def create_app(service: JobService, *, token: str | None = None) -> FastAPI:
     app = FastAPI(title="pascaline", summary="Z-Image Turbo over HTTP with a persistent job queue",
                   lifespan=lifespan)  # fmt: skip
     _install_error_handlers(app)
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     api = APIRouter(dependencies=[Depends(bearer_check(token))])
     _job_routes(api, service)
     _openai_routes(api, service)

@@ -10,6 +10,7 @@ import argparse
 import ipaddress
 import socket
 import sys
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 
@@ -119,26 +120,20 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from pascaline.cli import _ProgressBars
     from pascaline.runtime.pipeline import load_pipeline
+    from pascaline.serve.store import lock_folder
 
     check_extra()
     check_binding(args.host, args.port, args.token)
     folder = out_folder(args.out)
-    from pascaline.serve.store import lock_folder
-
-    lock = lock_folder(folder)
-    logging.basicConfig(level=logging.INFO, format="pascaline serve: %(message)s", stream=sys.stderr)
-    load = partial(
-        load_pipeline, args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae,
-        tokenizer=args.tokenizer, device=args.device, vram_budget=args.vram_budget, quant=args.quant,
-        keep_loaded=False,  # the worker loads it and keeps it (JobService._load_kept)
-    )  # fmt: skip
-    first = load()  # finds and checks the files now: a mistake ends here with one sentence
-    sock = bind(args.host, args.port)
-    try:
+    with lock_folder(folder), closing(bind(args.host, args.port)) as sock:
+        logging.basicConfig(level=logging.INFO, format="pascaline serve: %(message)s", stream=sys.stderr)
+        load = partial(
+            load_pipeline, args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae,
+            tokenizer=args.tokenizer, device=args.device, vram_budget=args.vram_budget, quant=args.quant,
+            keep_loaded=False,  # the worker loads it and keeps it (JobService._load_kept)
+        )  # fmt: skip
+        first = load()  # finds and checks the files now: a mistake ends here with one sentence
         serve_(first, lambda settings: load(**settings), folder, sock, args.token, _ProgressBars())
-    finally:
-        sock.close()
-        lock.close()
     return 0
 
 

@@ -167,7 +167,7 @@ class JobService:
 
     def _work(self) -> None:
         with suppress(PascalineError):  # recorded in _load_error; every job tries again
-            self._pipeline(())
+            self._pipeline((), {})
         while not self._stopping.is_set():
             job = self.store.next_queued()
             if job is None:
@@ -200,7 +200,7 @@ class JobService:
         pipe = None
         try:
             request = parse_request(job.request)
-            pipe = self._pipeline(request.pipeline_key)
+            pipe = self._pipeline(request.pipeline_key, request.load)
             if cancel.is_set():
                 raise Cancelled("cancelled before it started.")
             image = pipe.run(request.options, callback=lambda *_: not cancel.is_set())
@@ -237,15 +237,15 @@ class JobService:
             self._echo(f"job {job.id} cancelled")
         return job
 
-    def _pipeline(self, key: PipelineKey):
-        """The loaded pipeline of ``key``: the one kept, or a new one in its place."""
+    def _pipeline(self, key: PipelineKey, settings: dict[str, Any]):
+        """The loaded pipeline of ``key``: the one kept, or a new one (``settings``) in its place."""
         if self._pipe is not None and self._key == key and self._ready:
             return self._pipe
         if self._pipe is None or self._key != key:
             if self._pipe is not None:
                 self._pipe.unload_()  # its RAM first: two pipelines may not fit together
             self._pipe, self._ready = None, False
-            self._pipe, self._key = self._loader(dict(key)), key
+            self._pipe, self._key = self._loader(settings), key
         self._pipe.progress = self._progress
         self._load_kept(self._pipe)
         return self._pipe
