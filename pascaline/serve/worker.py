@@ -64,7 +64,8 @@ class JobService:
         self._ready = False  # the pipeline's models are in host RAM
         self._load_error: str | None = None
         self._bars, self._echo = progress, echo
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _running
+        self._queue_lock = threading.Lock()  # a submit, or the worker taking the next job
         self._running: tuple[str, threading.Event] | None = None
         self._current: str | None = None  # the job the worker runs (read by _progress, same thread)
         self._last_step = 0
@@ -94,10 +95,11 @@ class JobService:
 
     def submit(self, requests: list[JobRequest], batch: str | None = None) -> list[Job]:
         """Queue one job per request (next to each other, in order)."""
-        ids = self.store.add([r.record for r in requests], batch)
-        jobs = [self.store.get(i) for i in ids]
-        for job in jobs:
-            self.hub.publish(job.id, "queued", position=self.store.position(job))
+        with self._queue_lock:  # the worker cannot start them before their "queued" event is out
+            ids = self.store.add([r.record for r in requests], batch)
+            jobs = [self.store.get(i) for i in ids]
+            for job in jobs:
+                self.hub.publish(job.id, "queued", position=self.store.position(job))
         self._wakeup.set()
         return jobs
 
@@ -169,18 +171,14 @@ class JobService:
         with suppress(PascalineError):  # recorded in _load_error; every job tries again
             self._pipeline((), {})
         while not self._stopping.is_set():
-            job = self.store.next_queued()
+            self._wakeup.clear()
+            job, cancel = self._take()
             if job is None:
                 self._wakeup.wait(1.0)
-                self._wakeup.clear()
                 continue
-            cancel = threading.Event()
-            with self._lock:
-                self._running = (job.id, cancel)
             self._current, self._last_step = job.id, 0
             try:
-                if self.store.start(job.id):
-                    self._run(job, cancel)
+                self._run(job, cancel)
             except Exception:  # a bug in the bookkeeping: the job is lost, the worker carries on
                 log.exception("job %s could not be finished", job.id)
                 self.store.finish(job.id, ERROR, error=_INTERNAL, result={"kind": "server_error"})
@@ -190,6 +188,19 @@ class JobService:
                     self._running = None
                 if self._bars is not None and hasattr(self._bars, "close"):
                     self._bars.close()
+
+    def _take(self) -> tuple[Job | None, threading.Event | None]:
+        """The next queued job, marked running (with its cancel flag), or None."""
+        with self._queue_lock:
+            while (job := self.store.next_queued()) is not None:
+                cancel = threading.Event()
+                with self._lock:  # before the table says running: cancel() looks here once it is not queued
+                    self._running = (job.id, cancel)
+                if self.store.start(job.id):
+                    return job, cancel
+                with self._lock:  # cancelled between the two: take the next one
+                    self._running = None
+        return None, None
 
     def _run(self, job: Job, cancel: threading.Event) -> None:
         from pascaline.runtime.images import save_png
