@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 LOAD_FIELDS = ("model", "loras")  # load-level names, accepted once load_pipeline takes them
 SERVER_ONLY = {"output": "images are always written as PNG files"}  # never taken from a request
+# the JSON type of a field whose Python type has none (a path, a tensor): converted on parsing
 WIRE_TYPES: dict[str, Any] = {"init_image": str | None}  # base64 PNG/JPEG (a data: URL too)
 MAX_STEPS = 500
 MAX_PROMPT_CHARS = 20_000
@@ -111,8 +112,9 @@ def load_fields() -> dict[str, Field]:
     out = {}
     for name in LOAD_FIELDS:
         if name in params:
-            _check_wire_type(name, hints[name])
-            out[name] = Field(name, hints[name], params[name].default, group="load")
+            annotation = WIRE_TYPES.get(name, hints[name])
+            _check_wire_type(name, annotation)
+            out[name] = Field(name, annotation, params[name].default, group="load")
     return out
 
 

@@ -138,9 +138,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: HTTPException):
         path = request.url.path
         if exc.status_code == 404:
-            return error_response(404, f"there is no {path} here; see GET /docs.", "not_found_error")
+            return error_response(
+                404, f"there is no {path} here; GET /openapi.json lists the API.", "not_found_error"
+            )
         if exc.status_code == 405:
-            return error_response(405, f"{request.method} is not allowed on {path}; see GET /docs.")
+            return error_response(
+                405, f"{request.method} is not allowed on {path}; GET /openapi.json lists the API."
+            )
         detail = exc.detail if isinstance(exc.detail, str) else "the request cannot be served"
         return error_response(exc.status_code, detail.rstrip(".") + ".", headers=exc.headers)
 
@@ -201,8 +205,9 @@ def create_app(service: JobService, *, token: str | None = None) -> FastAPI:
         finally:
             await asyncio.to_thread(service.stop)
 
+    # the schema sits behind the token like the rest; no HTML docs page (a browser would not send it)
     app = FastAPI(title="pascaline", summary="Z-Image Turbo over HTTP with a persistent job queue",
-                  lifespan=lifespan)  # fmt: skip
+                  lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)  # fmt: skip
     _install_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     api = APIRouter(dependencies=[Depends(bearer_check(token))])
@@ -212,6 +217,10 @@ def create_app(service: JobService, *, token: str | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return service.health()
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> dict:
+        return app.openapi()
 
     app.include_router(api)
     return app
