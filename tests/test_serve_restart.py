@@ -16,7 +16,7 @@ from tests.factories.pipeline import shared_models
 from tests.factories.server import ServerProcess, read_events
 
 TINY = {"width": 64, "height": 64, "steps": 2}
-BUSY_STEPS = 150  # long enough to be killed mid-run, short enough to re-run quickly
+BUSY_STEPS = 100  # long enough to be killed mid-run, short enough to re-run quickly
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +29,20 @@ def test_sigkill_with_jobs_queued_then_restart_finishes_them_once(models, tmp_pa
     first = ServerProcess(models.comfy, out).start()
     try:
         with first.client() as client:
-            done = client.post(
-                "/v1/jobs", json={"prompt": "done before the crash", "seed": 11, **TINY}
-            ).json()
+            done = client.post("/v1/jobs", json={"prompt": "done first", "seed": 11, **TINY}).json()
             assert [e["type"] for e in read_events(client, done["events"])][-1] == "done"
+            done_job = client.get(f"/v1/jobs/{done['id']}").json()
+            done_file = out / f"{done['id']}.png"
+            before = (done_file.read_bytes(), os.stat(done_file).st_mtime_ns)
+            with pytest.raises(InvalidArgumentError, match="another pascaline serve is using"):
+                lock_folder(out)  # the live server holds the folder: a second one would run jobs twice
             busy = client.post("/v1/jobs", json={"prompt": "cut off", "seed": 12, "width": 64, "height": 64,
                                                  "steps": BUSY_STEPS}).json()  # fmt: skip
             queued = [client.post("/v1/jobs", json={"prompt": f"queued {s}", "seed": s, **TINY}).json()
                       for s in (13, 14, 15)]  # fmt: skip
             for event in read_events(client, busy["events"]):
                 if event["type"] == "step" and event["step"] >= 2:
-                    break
-            with pytest.raises(InvalidArgumentError, match="another pascaline serve is using"):
-                lock_folder(out)  # the live server holds the folder: a second one would run jobs twice
-            done_file = out / f"{done['id']}.png"
-            before = (done_file.read_bytes(), os.stat(done_file).st_mtime_ns)
-            done_job = client.get(f"/v1/jobs/{done['id']}").json()
+                    break  # running, mid-way: kill it now
     finally:
         first.kill()
     assert first.process.returncode == -9

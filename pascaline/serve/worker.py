@@ -21,7 +21,7 @@ from typing import Any
 from pascaline.errors import HostMemoryError, PascalineError
 from pascaline.runtime.requests import JobRequest, parse_request, public_record
 from pascaline.serve.events import EventHub
-from pascaline.serve.store import CANCELLED, DONE, ERROR, QUEUED, Job, JobStore
+from pascaline.serve.store import CANCELLED, DONE, ERROR, QUEUED, RUNNING, Job, JobStore
 
 log = logging.getLogger("pascaline.serve")
 PipelineKey = tuple[tuple[str, Any], ...]
@@ -115,10 +115,10 @@ class JobService:
         if job.state == QUEUED and self.store.cancel_queued(job_id):
             return self._finished(self.get(job_id))
         with self._lock:  # not queued any more: the worker marks _running before it starts a job
-            if self._running is not None and self._running[0] == job_id:
+            job = self.get(job_id)
+            if job.state == RUNNING and self._running is not None and self._running[0] == job_id:
                 self._running[1].set()
-                return self.get(job_id)
-        job = self.get(job_id)
+                return job
         raise JobFinishedError(f"job {job_id} has already finished ({job.state}); nothing is left to cancel.")
 
     async def follow(self, job_id: str, start: int = 0):
@@ -145,7 +145,7 @@ class JobService:
         if job.state == QUEUED:
             out["position"] = self.store.position(job)
         with self._lock:
-            if self._running is not None and self._running[0] == job.id:
+            if job.state == RUNNING and self._running is not None and self._running[0] == job.id:
                 out["cancel_requested"] = self._running[1].is_set()
         out["request"] = public_record(job.request)
         out["result"], out["error"] = job.result, job.error
