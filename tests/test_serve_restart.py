@@ -57,6 +57,9 @@ def test_sigkill_with_jobs_queued_then_restart_finishes_them_once(models, tmp_pa
         for before_job, after_job in zip(jobs, jobs[1:], strict=False):
             assert before_job["finished"] <= after_job["started"]  # still first in, first out
         assert client.get(f"/v1/jobs/{done['id']}").json() == done_job  # nothing about it changed
+        rebuilt = list(read_events(client, done["events"]))  # its history is gone: the table's end
+        resumed = list(read_events(client, done["events"], headers={"Last-Event-ID": "6"}))
+        assert [(e["type"], e["result"]) for e in rebuilt + resumed] == [("done", done_job["result"])] * 2
     assert (done_file.read_bytes(), os.stat(done_file).st_mtime_ns) == before
     pngs = sorted(p.name for p in out.iterdir() if p.suffix in (".png", ".tmp"))
     assert pngs == sorted(f"{i}.png" for i in [done["id"], *ids])  # one file per job, no leftovers

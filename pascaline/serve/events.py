@@ -75,8 +75,13 @@ class EventHub:
         try:
             while True:
                 with self._lock:
-                    events = self._events.get(job_id, [])[index:]
+                    history = self._events.get(job_id, [])
+                    events = history[index:]
                     waiter.clear()  # under the lock: a publish after this read sets it again
+                if not events and history and history[-1]["type"] in TERMINAL:
+                    # resumed past the end of a history rebuilt after a restart: the end is what is left
+                    yield len(history) - 1, history[-1]
+                    return
                 for event in events:
                     yield index, event
                     index += 1
