@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 from pascaline.errors import PascalineError, RequestError
 from pascaline.runtime.requests import parse_request, request_fields
 from pascaline.serve.store import DONE, ERROR, Job
-from pascaline.serve.worker import JobFinishedError, JobNotFoundError, JobService
+from pascaline.serve.worker import JobFinishedError, JobNotFoundError, JobService, log
 
 FILE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")  # <job id>.png: the only names /v1/files serves
 MAX_IMAGES = 10  # OpenAI's own limit on n
@@ -148,10 +148,33 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else "the request cannot be served"
         return error_response(exc.status_code, detail.rstrip(".") + ".", headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):  # Starlette re-raises it: the server logs it
-        return error_response(500, f"the server failed with an internal error ({type(exc).__name__}); "
-                              "its log has the details.", "server_error")  # fmt: skip
+
+class _Bugs:
+    """A bug's exception: its traceback to the server log, one sentence and a 500 to the client."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if started:  # a stream already under way: the connection is all there is to end
+                raise
+            message = (
+                f"the server failed with an internal error ({type(exc).__name__}); its log has the details."
+            )
+            await error_response(500, message, "server_error")(scope, receive, send)
 
 
 class _BodyLimit:
@@ -209,6 +232,7 @@ def create_app(service: JobService, *, token: str | None = None) -> FastAPI:
     app = FastAPI(title="pascaline", summary="Z-Image Turbo over HTTP with a persistent job queue",
                   lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)  # fmt: skip
     _install_error_handlers(app)
+    app.add_middleware(_Bugs)
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     api = APIRouter(dependencies=[Depends(bearer_check(token))])
     _job_routes(api, service)
