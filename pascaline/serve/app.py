@@ -7,7 +7,8 @@
     DELETE /v1/jobs/{id}            cancel it
     GET    /v1/files/{name}         an image the server wrote
     GET    /v1/models               the loaded model, OpenAI style
-    GET    /health                  no token needed
+    GET    /openapi.json            the schema of every request field
+    GET    /health                  the only route that needs no token
 
 Every error a client can cause is answered with a 4xx status and one sentence, in the
 OpenAI error shape ``{"error": {"message": ..., "type": ...}}``; a bug answers 500 with one
