@@ -599,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_bench(sub)
     _add_quantize(sub)
+    from pascaline.serve.command import add_parser as add_serve
+
+    add_serve(sub)
     return parser
 
 

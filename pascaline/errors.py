@@ -58,3 +58,7 @@ class HostMemoryError(BudgetError):
 
 class DeviceError(PascalineError):
     """The requested device is absent, or the installed torch cannot drive it."""
+
+
+class RequestError(InvalidArgumentError):
+    """A request (over HTTP or from a batch file) has an unknown field or a value of the wrong type."""
