@@ -1,8 +1,16 @@
+import os
+
 import pytest
 import torch
 
 from tests.factories.dit import make_tiny_diffusers_dit, save_comfy_dit
 from tests.factories.qwen3 import cached_tokenizer
+
+# Tiny models gain nothing from intra-op threads, and the suite runs servers and workers in
+# subprocesses beside itself: on a 2-core machine two OpenMP pools per process spin against each
+# other (a 0.2 s encoder stage took 10 s under load). One thread, unless the caller chose.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):

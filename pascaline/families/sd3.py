@@ -146,7 +146,7 @@ class SD3(Family):
                          tokenizer=ctx.tokenizers.get(role), kind=_KINDS[role])  # fmt: skip
 
     def load_tokenizers(self, files, explicit) -> dict:
-        from pascaline.formats.clip import models_dir_of
+        from pascaline.formats.encoder_files import models_dir_of
         from pascaline.formats.sd3_tokenizers import load_sd3_tokenizer
 
         if explicit is not None:
