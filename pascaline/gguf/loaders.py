@@ -1,0 +1,228 @@
+"""Load models from GGUF files: a tensor stream, the linear swap, strict loading, two families wired.
+
+The mechanism is shared by every family; a family brings its name map and its config
+inference (the same functions its safetensors loader uses, fed the GGUF's logical shapes):
+
+1. ``gguf_tensor_stream(file, name_map)`` yields ``(canonical_key, tensor)`` one at a time,
+   a float tensor for F32/F16/BF16 and a ``GGUFTensor`` (raw blocks) for the rest;
+2. the model is built on ``meta``; when a pascaline scheme is asked for (``quant``), its
+   ``quantize_`` runs first, so those linears are requantized once from the dequantized
+   GGUF weight as it streams in (``QLinear.state_from_float``);
+3. ``gguf_linear_swap_`` turns the remaining linears (and embeddings) whose weight is
+   block-quantized into ``GGUFLinear``/``GGUFEmbedding``, which take the raw blocks;
+4. ``load_gguf_state_`` fills the model strictly through ``formats.materialize.load_state_``:
+   raw blocks for GGUF modules, every other quantized tensor (a norm weight or pad token
+   in an sd.cpp file) dequantized, copies made so the model never shares the mapping.
+
+``load_gguf_into_`` runs steps 1-4 for any family (the MMDiT and T5 loaders call it with
+``sd3_name``/``t5_name``); ``load_gguf_dit`` and ``Qwen3GGUF`` are the Z-Image ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pascaline.errors import WrongModelError
+from pascaline.formats.materialize import load_state_
+from pascaline.gguf.ggml_types import GGMLType
+from pascaline.gguf.module import GGUFEmbedding, GGUFLinear, gguf_linear_swap_
+from pascaline.gguf.names import KINDS, NameMap, gguf_kind, name_map
+from pascaline.gguf.reader import GGUFFile, GGUFTensor
+from pascaline.quant.schemes import resolve_scheme
+
+Tensors = Iterator[tuple[str, "torch.Tensor | GGUFTensor"]]
+
+
+def _open(source: GGUFFile | str | Path) -> GGUFFile:
+    return source if isinstance(source, GGUFFile) else GGUFFile(source)
+
+
+def gguf_tensor_stream(source: GGUFFile | str | Path, names: NameMap) -> Tensors:
+    """``(canonical_key, tensor | GGUFTensor)`` in file order; names mapped to ``None`` are skipped.
+
+    Float tensors are views of the mapped file (copy what you keep; ``load_gguf_state_`` does).
+    """
+    gf = _open(source)
+    for name in gf.tensors:
+        for key in canonical_keys(names, name):
+            yield key, gf.tensor(name)
+
+
+def canonical_keys(names: NameMap, name: str) -> tuple[str, ...]:
+    """The canonical keys a file tensor fills: none (skipped), one, or several (a tied table)."""
+    keys = names(name)
+    return () if keys is None else (keys,) if isinstance(keys, str) else tuple(keys)
+
+
+def gguf_shapes(source: GGUFFile, names: NameMap) -> dict[str, tuple[int, ...]]:
+    """``{canonical_key: logical shape}`` for config inference (no data read)."""
+    return {key: info.shape for name, info in source.tensors.items() for key in canonical_keys(names, name)}
+
+
+def gguf_types(source: GGUFFile, names: NameMap) -> dict[str, GGMLType]:
+    """``{canonical_key: GGML type}``, what ``gguf_linear_swap_`` takes."""
+    return {key: info.gtype for name, info in source.tensors.items() for key in canonical_keys(names, name)}
+
+
+def _fresh(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """A tensor that does not share the mapped file (the device copy does that for CUDA)."""
+    if device.type != "cpu":
+        return t
+    if t.is_floating_point() and dtype is not None and dtype != t.dtype:
+        return t.to(dtype)
+    return t.clone()
+
+
+def _fitted(t: torch.Tensor, want: torch.Size) -> torch.Tensor:
+    # ggml drops trailing size-1 dims (SD3's pos_embed [1, N, D] can arrive as [N, D])
+    if t.shape != want and [s for s in t.shape if s != 1] == [s for s in want if s != 1]:
+        return t.reshape(want)
+    return t
+
+
+def _materialized(model: nn.Module, tensors: Iterable, dtype, device: torch.device) -> Iterator:
+    expected = model.state_dict(keep_vars=True)
+    for key, t in tensors:
+        if isinstance(t, GGUFTensor):
+            prefix = key.removesuffix(".weight")
+            owner = _module(model, prefix) if key.endswith(".weight") else None
+            if isinstance(owner, GGUFLinear | GGUFEmbedding) and owner.gtype == t.gtype:
+                yield prefix + ".qweight", _fresh(t.rows(), None, device)
+                continue
+            t = t.dequantize(torch.float32 if dtype is None else dtype)
+        else:
+            t = _fresh(t, dtype, device)
+        yield key, _fitted(t, expected[key].shape) if key in expected else t
+
+
+def _module(model: nn.Module, fqn: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        return None
+
+
+def load_gguf_state_(
+    model: nn.Module,
+    tensors: Iterable,
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device | str = "cpu",
+    source: str = "the GGUF file",
+) -> nn.Module:
+    """Fill ``model`` (on meta, GGUF modules swapped in) strictly from a ``gguf_tensor_stream``."""
+    device = torch.device(device)
+    load_state_(
+        model, _materialized(model, tensors, dtype, device), dtype=dtype, device=device, source=source
+    )
+    return model
+
+
+def load_gguf_into_(
+    model: nn.Module,
+    source: GGUFFile,
+    names: NameMap,
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device | str = "cpu",
+    quant=None,
+) -> nn.Module:
+    """Steps 2-4 of the module docstring on a meta-built ``model``; returns it in eval mode, no grads.
+
+    ``quant``: a pascaline scheme (or its name) to requantize the linears its default filter
+    picks once at load; the other block-quantized linears stay ``GGUFLinear``.
+    """
+    scheme = resolve_scheme(quant, {}, str(source.path))
+    if scheme is not None:
+        from pascaline.quant import quantize_
+
+        quantize_(model, scheme)
+    gguf_linear_swap_(model, gguf_types(source, names))
+    load_gguf_state_(
+        model, gguf_tensor_stream(source, names), dtype=dtype, device=device, source=str(source.path)
+    )
+    return model.requires_grad_(False).eval()
+
+
+def open_gguf(path: str | Path, kind: str, hint: str) -> GGUFFile:
+    """Open ``path`` and check it holds ``kind``; ``hint`` says which file to pass instead."""
+    gf = GGUFFile(path)
+    found = gguf_kind(gf)
+    if found != kind:
+        raise WrongModelError(f"{gf.path} holds {KINDS[found]} (GGUF), not {KINDS[kind]}; {hint}.")
+    return gf
+
+
+def load_gguf_dit(
+    path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", config=None, quant=None
+):
+    """A Z-Image DiT from a city96 or sd.cpp GGUF (what ``formats.zimage_dit.load_dit`` calls)."""
+    from pascaline.formats.zimage_dit import resolve_dit_config
+    from pascaline.models.zimage_dit import ZImageDiT
+
+    with open_gguf(
+        path, "zimage-dit", "pass the diffusion model (diffusion_models/z-image-turbo-*.gguf)"
+    ) as gf:
+        cfg = resolve_dit_config(config, gf.shapes())
+        with torch.device("meta"):
+            model = ZImageDiT(cfg)
+        return load_gguf_into_(
+            model, gf, name_map("zimage-dit", gf.tensors), dtype=dtype, device=device, quant=quant
+        )
+
+
+@dataclass
+class Qwen3GGUF:
+    """A Qwen3 encoder GGUF whose header is read and config inferred, ready to ``load``.
+
+    Split in two so the caller can look for the tokenizer before the long read.
+    """
+
+    file: GGUFFile
+    config: object  # Qwen3EncoderConfig
+
+    @classmethod
+    def open(cls, path: str | Path) -> Qwen3GGUF:
+        from pascaline.formats.qwen3 import infer_encoder_config
+
+        gf = open_gguf(path, "qwen3-encoder", "pass the text encoder (text_encoders/Qwen3-4B-*.gguf)")
+        cfg = infer_encoder_config(gguf_shapes(gf, name_map("qwen3-encoder", gf.tensors)))
+        return cls(gf, replace(cfg, **_qwen3_hparams(gf)))
+
+    def load(self, *, dtype: torch.dtype = torch.bfloat16, device="cpu", quant=None):
+        """The ``Qwen3Encoder`` (used layers only, rotary table built on ``device``)."""
+        from pascaline.formats.qwen3 import unused_keys
+        from pascaline.models.qwen3_encoder import build_encoder, materialize_rotary_
+
+        names = name_map("qwen3-encoder", self.file.tensors)
+        skip = unused_keys(self.config, list(gguf_shapes(self.file, names)))
+
+        def used(name: str) -> str | None:
+            key = names(name)
+            return None if key in skip else key  # Qwen3 names map one to one
+
+        with self.file as gf:
+            model = load_gguf_into_(
+                build_encoder(self.config), gf, used, dtype=dtype, device=device, quant=quant
+            )
+        return materialize_rotary_(model, device)
+
+
+def _qwen3_hparams(gf: GGUFFile) -> dict:
+    """RoPE base and RMSNorm eps from llama.cpp's metadata (float32 there: read back as written)."""
+    import numpy as np
+
+    found = {}
+    for field, key in (
+        ("rope_theta", "qwen3.rope.freq_base"),
+        ("rms_norm_eps", "qwen3.attention.layer_norm_rms_epsilon"),
+    ):
+        value = gf.metadata.get(key)
+        if isinstance(value, float):
+            found[field] = float(str(np.float32(value)))  # 9.99999997e-07 -> 1e-06
+    return found
