@@ -12,13 +12,15 @@ from torch import nn
 from pascaline.errors import PascalineError, StateDictError, TruncatedFileError, WrongModelError
 from pascaline.formats.qwen3 import load_text_encoder
 from pascaline.formats.zimage_dit import load_dit
-from pascaline.gguf.loaders import gguf_tensor_stream, load_gguf_into_
+from pascaline.gguf.loaders import gguf_dit_skeleton, gguf_tensor_stream, load_gguf_into_
 from pascaline.gguf.module import GGUFEmbedding, GGUFLinear, dequant_workspace_bytes
 from pascaline.gguf.names import sd3_name, t5_name
+from pascaline.gguf.policy import gguf_quant
 from pascaline.gguf.reader import GGUFFile
-from pascaline.offload.plan import packed_nbytes, unit_modules
-from pascaline.quant import QLinear
+from pascaline.offload.plan import other_nbytes, packed_nbytes, unit_modules, unit_sizes
+from pascaline.quant import Int8Dynamic, QLinear
 from pascaline.quant.primitives import sqnr_db
+from pascaline.runtime.device import DeviceCaps, default_quant
 from tests.factories.dit import diffusers_to_comfy
 from tests.factories.gguf import qwen3_gguf, t5_gguf, write_gguf, zimage_gguf
 from tests.factories.qwen3 import make_qwen3, reference_features
@@ -86,6 +88,25 @@ def test_w8a8_requantizes_once_at_load(dit_files):
     want = load_dit(float_path, dtype=torch.float32, quant="w8a8")
     assert torch.equal(dit.layers[0].attention.qkv.qweight, want.layers[0].attention.qkv.qweight)
     assert sqnr_db(_outputs(load_dit(float_path, dtype=torch.float32)), _outputs(dit)) > 25
+
+
+@pytest.mark.parametrize("quant", [None, "w8a8"])
+def test_skeleton_from_the_header_plans_like_the_loaded_model(dit_files, quant):
+    path = dit_files["sdcpp"][0]
+    skeleton = gguf_dit_skeleton(path, dtype=torch.float32, quant=quant)
+    loaded = load_dit(path, dtype=torch.float32, quant=quant)
+    assert all(t.device.type == "meta" for t in skeleton.state_dict().values())
+    assert unit_sizes(skeleton) == unit_sizes(loaded) and other_nbytes(skeleton) == other_nbytes(loaded)
+    workspace = dequant_workspace_bytes(loaded, torch.float16)
+    assert dequant_workspace_bytes(skeleton, torch.float16) == workspace > 0
+
+
+def test_policy_requantizes_for_w8a8_only():
+    asked = ("w8a8", "int8", "fp8-e4m3", "none", None)
+    assert [gguf_quant(q) for q in asked] == ["w8a8", None, None, None, None]
+    assert gguf_quant(Int8Dynamic()) == Int8Dynamic()
+    cards = {"gtx1070": "w8a8", "gtx1660": "w8a8", "rtx2060": "w8a8", "h100": None, "cpu": None}
+    assert {c: gguf_quant(default_quant(DeviceCaps.preset(c))) for c in cards} == cards
 
 
 @pytest.fixture(scope="module")

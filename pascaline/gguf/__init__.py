@@ -6,8 +6,10 @@
 - ``module``: ``GGUFLinear``/``GGUFEmbedding`` (raw blocks as uint8 buffers, dequantized on
   the device just before use), ``gguf_linear_swap_``, ``dequant_workspace_bytes``.
 - ``names``: GGUF names -> canonical names for Z-Image, Qwen3, T5 and SD3; ``inspect_gguf``.
-- ``loaders``: ``gguf_tensor_stream``, ``load_gguf_into_`` and the Z-Image DiT / Qwen3 loaders
-  that ``formats.zimage_dit.load_dit`` and ``formats.qwen3.load_text_encoder`` call for a GGUF.
+- ``loaders``: ``gguf_tensor_stream``, ``prepare_gguf_model_``, ``load_gguf_into_`` and the
+  Z-Image DiT / Qwen3 loaders that ``formats.zimage_dit.load_dit`` and
+  ``formats.qwen3.load_text_encoder`` call for a GGUF; ``gguf_dit_skeleton`` for VRAM plans.
+- ``policy``: ``gguf_quant``, the scheme a GGUF loads under for the scheme a run asks for.
 
 Nothing here needs the ``gguf`` PyPI package (the tests use it as the reference).
 """
@@ -23,6 +25,9 @@ _EXPORTS = {
     "dequant_workspace_bytes": "module",
     "inspect_gguf": "names",
     "gguf_tensor_stream": "loaders",
+    "prepare_gguf_model_": "loaders",
+    "gguf_dit_skeleton": "loaders",
+    "gguf_quant": "policy",
     "load_gguf_into_": "loaders",
     "load_gguf_state_": "loaders",
 }

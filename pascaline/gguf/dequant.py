@@ -36,14 +36,12 @@ def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
     return blocks[:, at : at + 2].view(torch.float16).to(torch.float32)
 
 
-def _shifts(count: int, step: int, device) -> torch.Tensor:
-    return torch.arange(0, count * step, step, dtype=torch.uint8, device=device)
-
-
 def _unpack(x: torch.Tensor, count: int, step: int) -> torch.Tensor:
-    """``x[..., None, :] >> (0, step, 2 step, ...)``: [..., L] -> [..., count, L] (mask afterwards)."""
-    shifts = _shifts(count, step, x.device).reshape(count, 1)
-    return x.unsqueeze(-2) >> shifts
+    """``x >> 0, x >> step, ...`` stacked: [..., L] -> [..., count, L] (mask afterwards).
+
+    Scalar shifts and a stack: 8x faster on a CPU than one shift by a broadcast tensor.
+    """
+    return torch.stack([x >> (i * step) for i in range(count)], dim=-2)
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -52,61 +50,59 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 
 def _bits32(qh: torch.Tensor) -> torch.Tensor:
-    # qh: [n, 4] bytes of a little-endian uint32 -> [n, 32] bits 0..31
-    return (_unpack(qh, 8, 1) & 1).transpose(1, 2).reshape(qh.shape[0], 32)
+    # qh: [n, 4] bytes of a little-endian uint32 -> [n, 32] bits 0..31 (bit j: byte j // 8, bit j % 8)
+    return (torch.stack([qh >> i for i in range(8)], dim=-1) & 1).reshape(qh.shape[0], 32)
+
+
+# The values are formed in place on the contiguous float32 codes: the same IEEE operations
+# in the same order as gguf's numpy (so the same bits), without the temporaries; an
+# out-of-place ``d * q - dm`` took 30x longer on a CPU (its result inherits d's broadcast
+# layout, and the subtraction then walks memory out of order).
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    x = b[:, 2:].view(torch.int8).to(torch.float32)
-    return x * d
+    return b[:, 2:].view(torch.int8).to(torch.float32).mul_(_f16(b, 0))
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
     q = _nibbles(b[:, 2:]).to(torch.int8) - 8
-    return d * q.to(torch.float32)
+    return q.to(torch.float32).mul_(_f16(b, 0))
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
-    return d * _nibbles(b[:, 4:]).to(torch.float32) + m
+    return _nibbles(b[:, 4:]).to(torch.float32).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
     q = (_nibbles(b[:, 6:]) | (_bits32(b[:, 2:6]) << 4)).to(torch.int8) - 16
-    return d * q.to(torch.float32)
+    return q.to(torch.float32).mul_(_f16(b, 0))
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
     q = _nibbles(b[:, 8:]) | (_bits32(b[:, 4:8]) << 4)
-    return d * q.to(torch.float32) + m
+    return q.to(torch.float32).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     scales, qs = b[:, :16], b[:, 16:80]
-    d, dmin = _f16(b, 80), _f16(b, 82)
-    dl = (d * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
-    ml = (dmin * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
+    dl = (_f16(b, 80) * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
+    ml = (_f16(b, 82) * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
     q = (_unpack(qs.reshape(n, 2, 32), 4, 2) & 3).reshape(n, 16, 16).to(torch.float32)  # [n, 16, 16]
-    return (dl * q - ml).reshape(n, QK_K)
+    return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 def _q3_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     hmask, qs, scales = b[:, :32], b[:, 32:96], b[:, 96:108]
-    d = _f16(b, 108)
     low = _unpack(scales[:, :8], 2, 4).reshape(n, 16)  # 4-bit low parts of the 16 scales
     high = _unpack(scales[:, 8:], 4, 2).reshape(n, 16)  # their 2-bit high parts
     sc = (((low & 0x0F) | ((high & 3) << 4)).to(torch.int8) - 32).to(torch.float32)
-    dl = (d * sc).reshape(n, 16, 1)
+    dl = (_f16(b, 108) * sc).reshape(n, 16, 1)
     ql = _unpack(qs.reshape(n, 2, 32), 4, 2).reshape(n, 16, 16) & 3
     qh = (_unpack(hmask.reshape(n, 1, 32), 8, 1).reshape(n, 16, 16) & 1) ^ 1  # a set bit means no offset
     q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).to(torch.float32)
-    return (dl * q).reshape(n, QK_K)
+    return q.mul_(dl).reshape(n, QK_K)
 
 
 def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,16 +118,16 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # -> per-32 scale and min, each [n, 8, 1] float32
     n = b.shape[0]
-    d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
-    return (d * sc.to(torch.float32)).reshape(n, 8, 1), (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
+    d = (_f16(b, 0) * sc.to(torch.float32)).reshape(n, 8, 1)
+    return d, (_f16(b, 2) * mn.to(torch.float32)).reshape(n, 8, 1)
 
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d, dm = _k4_scales(b)
     q = (_unpack(b[:, 16:].reshape(n, 4, 32), 2, 4) & 0x0F).reshape(n, 8, 32).to(torch.float32)
-    return (d * q - dm).reshape(n, QK_K)
+    return q.mul_(d).sub_(dm).reshape(n, QK_K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
@@ -140,7 +136,7 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     ql = (_unpack(b[:, 48:].reshape(n, 4, 32), 2, 4) & 0x0F).reshape(n, 8, 32)
     qh = (_unpack(b[:, 16:48].reshape(n, 1, 32), 8, 1) & 1).reshape(n, 8, 32)
     q = (ql | (qh << 4)).to(torch.float32)
-    return (d * q - dm).reshape(n, QK_K)
+    return q.mul_(d).sub_(dm).reshape(n, QK_K)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
@@ -150,7 +146,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     ql = (_unpack(b[:, :128].reshape(n, 2, 64), 2, 4) & 0x0F).reshape(n, 8, 32)
     qh = (_unpack(b[:, 128:192].reshape(n, 2, 32), 4, 2) & 3).reshape(n, 8, 32)
     q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
-    return (d * q).reshape(n, QK_K)
+    return q.mul_(d).reshape(n, QK_K)
 
 
 _BLOCKS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

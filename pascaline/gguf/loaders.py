@@ -12,10 +12,14 @@ inference (the same functions its safetensors loader uses, fed the GGUF's logica
    block-quantized into ``GGUFLinear``/``GGUFEmbedding``, which take the raw blocks;
 4. ``load_gguf_state_`` fills the model strictly through ``formats.materialize.load_state_``:
    raw blocks for GGUF modules, every other quantized tensor (a norm weight or pad token
-   in an sd.cpp file) dequantized, copies made so the model never shares the mapping.
+   in an sd.cpp file) dequantized. On the CPU, a tensor that needs no cast (the raw blocks)
+   stays a view of the copy-on-write mapping, as safetensors' own loads do: its pages are
+   read on first use and shared with the page cache, and writing to it never reaches the file.
 
-``load_gguf_into_`` runs steps 1-4 for any family (the MMDiT and T5 loaders call it with
-``sd3_name``/``t5_name``); ``load_gguf_dit`` and ``Qwen3GGUF`` are the Z-Image ones.
+``prepare_gguf_model_`` is steps 2-3 (a meta model with the final module types: what a VRAM
+plan is made from), ``load_gguf_into_`` steps 2-4 for any family (the MMDiT and T5 loaders
+call it with ``sd3_name``/``t5_name``); ``load_gguf_dit``/``gguf_dit_skeleton`` and
+``Qwen3GGUF`` are the Z-Image ones. Which ``quant`` to pass on which card: ``policy``.
 """
 
 from __future__ import annotations
@@ -36,27 +40,25 @@ from pascaline.gguf.reader import GGUFFile, GGUFTensor
 from pascaline.quant.schemes import resolve_scheme
 
 Tensors = Iterator[tuple[str, "torch.Tensor | GGUFTensor"]]
-
-
-def _open(source: GGUFFile | str | Path) -> GGUFFile:
-    return source if isinstance(source, GGUFFile) else GGUFFile(source)
-
-
-def gguf_tensor_stream(source: GGUFFile | str | Path, names: NameMap) -> Tensors:
-    """``(canonical_key, tensor | GGUFTensor)`` in file order; names mapped to ``None`` are skipped.
-
-    Float tensors are views of the mapped file (copy what you keep; ``load_gguf_state_`` does).
-    """
-    gf = _open(source)
-    for name in gf.tensors:
-        for key in canonical_keys(names, name):
-            yield key, gf.tensor(name)
+_DIT_HINT = "pass the diffusion model (diffusion_models/z-image-turbo-*.gguf)"
+_QWEN3_HINT = "pass the text encoder (text_encoders/Qwen3-4B-*.gguf)"
 
 
 def canonical_keys(names: NameMap, name: str) -> tuple[str, ...]:
     """The canonical keys a file tensor fills: none (skipped), one, or several (a tied table)."""
     keys = names(name)
     return () if keys is None else (keys,) if isinstance(keys, str) else tuple(keys)
+
+
+def gguf_tensor_stream(source: GGUFFile | str | Path, names: NameMap) -> Tensors:
+    """``(canonical_key, tensor | GGUFTensor)`` in file order; names mapped to ``None`` are skipped.
+
+    Tensors are views of the (copy-on-write) mapped file.
+    """
+    gf = source if isinstance(source, GGUFFile) else GGUFFile(source)
+    for name in gf.tensors:
+        for key in canonical_keys(names, name):
+            yield key, gf.tensor(name)
 
 
 def gguf_shapes(source: GGUFFile, names: NameMap) -> dict[str, tuple[int, ...]]:
@@ -69,35 +71,11 @@ def gguf_types(source: GGUFFile, names: NameMap) -> dict[str, GGMLType]:
     return {key: info.gtype for name, info in source.tensors.items() for key in canonical_keys(names, name)}
 
 
-def _fresh(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    """A tensor that does not share the mapped file (the device copy does that for CUDA)."""
-    if device.type != "cpu":
-        return t
-    if t.is_floating_point() and dtype is not None and dtype != t.dtype:
-        return t.to(dtype)
-    return t.clone()
-
-
 def _fitted(t: torch.Tensor, want: torch.Size) -> torch.Tensor:
     # ggml drops trailing size-1 dims (SD3's pos_embed [1, N, D] can arrive as [N, D])
     if t.shape != want and [s for s in t.shape if s != 1] == [s for s in want if s != 1]:
         return t.reshape(want)
     return t
-
-
-def _materialized(model: nn.Module, tensors: Iterable, dtype, device: torch.device) -> Iterator:
-    expected = model.state_dict(keep_vars=True)
-    for key, t in tensors:
-        if isinstance(t, GGUFTensor):
-            prefix = key.removesuffix(".weight")
-            owner = _module(model, prefix) if key.endswith(".weight") else None
-            if isinstance(owner, GGUFLinear | GGUFEmbedding) and owner.gtype == t.gtype:
-                yield prefix + ".qweight", _fresh(t.rows(), None, device)
-                continue
-            t = t.dequantize(torch.float32 if dtype is None else dtype)
-        else:
-            t = _fresh(t, dtype, device)
-        yield key, _fitted(t, expected[key].shape) if key in expected else t
 
 
 def _module(model: nn.Module, fqn: str) -> nn.Module | None:
@@ -107,45 +85,43 @@ def _module(model: nn.Module, fqn: str) -> nn.Module | None:
         return None
 
 
-def load_gguf_state_(
-    model: nn.Module,
-    tensors: Iterable,
-    *,
-    dtype: torch.dtype | None,
-    device: torch.device | str = "cpu",
-    source: str = "the GGUF file",
-) -> nn.Module:
+def _materialized(model: nn.Module, tensors: Iterable, dtype) -> Iterator:
+    expected = model.state_dict(keep_vars=True)
+    for key, t in tensors:
+        if isinstance(t, GGUFTensor):
+            prefix = key.removesuffix(".weight")
+            owner = _module(model, prefix) if key.endswith(".weight") else None
+            if isinstance(owner, GGUFLinear | GGUFEmbedding) and owner.gtype == t.gtype:
+                yield prefix + ".qweight", t.rows()
+                continue
+            t = t.dequantize(torch.float32 if dtype is None else dtype)
+        yield key, _fitted(t, expected[key].shape) if key in expected else t
+
+
+def load_gguf_state_(model: nn.Module, tensors: Iterable, *, dtype: torch.dtype | None,
+                     device: torch.device | str = "cpu", source: str = "the GGUF file") -> nn.Module:
     """Fill ``model`` (on meta, GGUF modules swapped in) strictly from a ``gguf_tensor_stream``."""
-    device = torch.device(device)
-    load_state_(
-        model, _materialized(model, tensors, dtype, device), dtype=dtype, device=device, source=source
-    )
+    load_state_(model, _materialized(model, tensors, dtype), dtype=dtype, device=device, source=source)
     return model
 
 
-def load_gguf_into_(
-    model: nn.Module,
-    source: GGUFFile,
-    names: NameMap,
-    *,
-    dtype: torch.dtype | None,
-    device: torch.device | str = "cpu",
-    quant=None,
-) -> nn.Module:
-    """Steps 2-4 of the module docstring on a meta-built ``model``; returns it in eval mode, no grads.
-
-    ``quant``: a pascaline scheme (or its name) to requantize the linears its default filter
-    picks once at load; the other block-quantized linears stay ``GGUFLinear``.
-    """
+def prepare_gguf_model_(model: nn.Module, source: GGUFFile, names: NameMap, quant=None) -> nn.Module:
+    """Steps 2-3 on a meta-built ``model``: ``quant``'s layers (a pascaline scheme or its name) become
+    ``QLinear``, the other block-quantized linears and embeddings GGUF modules. Returns ``model``."""
     scheme = resolve_scheme(quant, {}, str(source.path))
     if scheme is not None:
         from pascaline.quant import quantize_
 
         quantize_(model, scheme)
-    gguf_linear_swap_(model, gguf_types(source, names))
-    load_gguf_state_(
-        model, gguf_tensor_stream(source, names), dtype=dtype, device=device, source=str(source.path)
-    )
+    return gguf_linear_swap_(model, gguf_types(source, names))
+
+
+def load_gguf_into_(model: nn.Module, source: GGUFFile, names: NameMap, *, dtype: torch.dtype | None,
+                    device: torch.device | str = "cpu", quant=None) -> nn.Module:
+    """Steps 2-4 on a meta-built ``model``; returns it in eval mode, without gradients."""
+    prepare_gguf_model_(model, source, names, quant)
+    tensors = gguf_tensor_stream(source, names)
+    load_gguf_state_(model, tensors, dtype=dtype, device=device, source=str(source.path))
     return model.requires_grad_(False).eval()
 
 
@@ -158,22 +134,28 @@ def open_gguf(path: str | Path, kind: str, hint: str) -> GGUFFile:
     return gf
 
 
-def load_gguf_dit(
-    path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", config=None, quant=None
-):
-    """A Z-Image DiT from a city96 or sd.cpp GGUF (what ``formats.zimage_dit.load_dit`` calls)."""
+def _dit_on_meta(gf: GGUFFile, config):
     from pascaline.formats.zimage_dit import resolve_dit_config
     from pascaline.models.zimage_dit import ZImageDiT
 
-    with open_gguf(
-        path, "zimage-dit", "pass the diffusion model (diffusion_models/z-image-turbo-*.gguf)"
-    ) as gf:
-        cfg = resolve_dit_config(config, gf.shapes())
-        with torch.device("meta"):
-            model = ZImageDiT(cfg)
-        return load_gguf_into_(
-            model, gf, name_map("zimage-dit", gf.tensors), dtype=dtype, device=device, quant=quant
-        )
+    with torch.device("meta"):
+        return ZImageDiT(resolve_dit_config(config, gf.shapes()))
+
+
+def load_gguf_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", config=None,
+                  quant=None):
+    """A Z-Image DiT from a city96 or sd.cpp GGUF (what ``formats.zimage_dit.load_dit`` calls)."""
+    with open_gguf(path, "zimage-dit", _DIT_HINT) as gf:
+        names = name_map("zimage-dit", gf.tensors)
+        return load_gguf_into_(_dit_on_meta(gf, config), gf, names, dtype=dtype, device=device, quant=quant)
+
+
+def gguf_dit_skeleton(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, config=None, quant=None):
+    """The DiT ``load_gguf_dit`` would build, on ``meta`` with its final module types and dtypes,
+    read from the header alone: for ``plan_for_model`` and ``dequant_workspace_bytes``."""
+    with open_gguf(path, "zimage-dit", _DIT_HINT) as gf:
+        model = prepare_gguf_model_(_dit_on_meta(gf, config), gf, name_map("zimage-dit", gf.tensors), quant)
+    return model.to(dtype)
 
 
 @dataclass
@@ -190,7 +172,7 @@ class Qwen3GGUF:
     def open(cls, path: str | Path) -> Qwen3GGUF:
         from pascaline.formats.qwen3 import infer_encoder_config
 
-        gf = open_gguf(path, "qwen3-encoder", "pass the text encoder (text_encoders/Qwen3-4B-*.gguf)")
+        gf = open_gguf(path, "qwen3-encoder", _QWEN3_HINT)
         cfg = infer_encoder_config(gguf_shapes(gf, name_map("qwen3-encoder", gf.tensors)))
         return cls(gf, replace(cfg, **_qwen3_hparams(gf)))
 
@@ -203,13 +185,12 @@ class Qwen3GGUF:
         skip = unused_keys(self.config, list(gguf_shapes(self.file, names)))
 
         def used(name: str) -> str | None:
-            key = names(name)
-            return None if key in skip else key  # Qwen3 names map one to one
+            key = names(name)  # Qwen3 names map one to one
+            return None if key in skip else key
 
         with self.file as gf:
-            model = load_gguf_into_(
-                build_encoder(self.config), gf, used, dtype=dtype, device=device, quant=quant
-            )
+            model = build_encoder(self.config)
+            load_gguf_into_(model, gf, used, dtype=dtype, device=device, quant=quant)
         return materialize_rotary_(model, device)
 
 
@@ -218,10 +199,8 @@ def _qwen3_hparams(gf: GGUFFile) -> dict:
     import numpy as np
 
     found = {}
-    for field, key in (
-        ("rope_theta", "qwen3.rope.freq_base"),
-        ("rms_norm_eps", "qwen3.attention.layer_norm_rms_epsilon"),
-    ):
+    for field, key in (("rope_theta", "qwen3.rope.freq_base"),
+                       ("rms_norm_eps", "qwen3.attention.layer_norm_rms_epsilon")):
         value = gf.metadata.get(key)
         if isinstance(value, float):
             found[field] = float(str(np.float32(value)))  # 9.99999997e-07 -> 1e-06
