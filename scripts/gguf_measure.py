@@ -6,7 +6,8 @@
     python scripts/gguf_measure.py load             # real-width depth-reduced DiT: bf16 vs Q8_0 vs Q4_K
     python scripts/gguf_measure.py load-one PATH    # (internal) one load in a fresh process
 
-Times are the least CPU time of a few runs on one thread (``process_time``). Needs the ``gguf`` extra (the reference writer and quantizer) and runs on a CPU. The K-quant
+Times are the least CPU time of a few runs on one thread (``process_time``). Needs the ``gguf``
+extra (the reference writer and quantizer) and runs on a CPU. The K-quant
 quantizers below are simple ones written for these measurements (one pass, no search, unlike
 llama.cpp's), checked through ``gguf.quants.dequantize``; pascaline itself never quantizes to GGUF.
 """
@@ -120,7 +121,8 @@ def cmd_dequant() -> dict:
         ours = _timed(lambda raw=raw, t=t: dequantize(raw, t, w.shape))
         rows = raw.reshape(w.shape[0], -1)
         chunked = _timed(lambda rows=rows, t=t: dequantize_chunked(rows, t, w.shape, torch.float32))
-        ref = _timed(lambda raw=raw, q=qtype: gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[q]), 1)
+        gq = gguf.GGMLQuantizationType[qtype]
+        ref = _timed(lambda raw=raw, gq=gq: gguf.quants.dequantize(raw.numpy(), gq), 1)
         out[qtype] = {"ours_s": round(ours, 4), "ours_GBps_out": round(w.size * 4 / ours / 1e9, 2),
                       "chunked_s": round(chunked, 4), "chunked_Mvalues_per_s": round(w.size / chunked / 1e6),
                       "ours_Mvalues_per_s": round(w.size / ours / 1e6), "gguf_numpy_s": round(ref, 3),
@@ -137,7 +139,8 @@ def cmd_sqnr() -> dict:
     out = {"bf16_to_int8_vs_float_dB": round(sqnr_db(wt, own_int8), 2)}
     for qtype in ("Q8_0", "Q6_K", "Q5_0", "Q4_K", "Q4_0"):
         data = to_gguf(w, qtype)
-        g = torch.from_numpy(np.array(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]), np.float32))
+        held = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+        g = torch.from_numpy(np.array(held, np.float32))
         assert torch.equal(g, dequantize(torch.from_numpy(np.ascontiguousarray(data).view(np.uint8)),
                                          type_named(qtype), w.shape))
         q, s = quantize_int8_rows(g)
@@ -171,7 +174,8 @@ def cmd_forward(tokens: int = 1024) -> dict:
         for name, layer in layers.items():
             out[name] = round(_timed(lambda layer=layer: layer(x), 3), 3)
             if isinstance(layer, GGUFLinear | QLinear):
-                out[name + ": weight only"] = round(_timed(lambda layer=layer: layer.dequantize(torch.float32), 3), 3)
+                weight = _timed(lambda layer=layer: layer.dequantize(torch.float32), 3)
+                out[name + ": weight only"] = round(weight, 3)
     return out
 
 
@@ -180,7 +184,8 @@ def _write_files(root: Path) -> dict[str, Path]:
     from tests.factories.gguf import write_gguf
 
     model = make_real_width_diffusers_dit()
-    files = {"bf16": save_comfy_dit(model, root / "dit_bf16.safetensors", prefix=False, stray_norm_final=False)}
+    bf16 = save_comfy_dit(model, root / "dit_bf16.safetensors", prefix=False, stray_norm_final=False)
+    files = {"bf16": bf16}
     comfy = diffusers_to_comfy(model.state_dict())
     del model
     for qtype in ("Q8_0", "Q4_K"):  # sd.cpp's form: every block tensor quantized (x/t embedders, final F16)
@@ -200,8 +205,9 @@ def _write_q4k(path: Path, tensors: dict) -> None:
     gguf = _gguf()
     writer = gguf.GGUFWriter(str(path), "lumina2")
     for name, (v, qtype) in tensors.items():
-        data = quantize_q4_k(v) if qtype == "Q4_K" else gguf.quants.quantize(v, gguf.GGMLQuantizationType[qtype])
-        writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[qtype])
+        gq = gguf.GGMLQuantizationType[qtype]
+        data = quantize_q4_k(v) if qtype == "Q4_K" else gguf.quants.quantize(v, gq)
+        writer.add_tensor(name, data, raw_dtype=gq)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -230,7 +236,8 @@ def cmd_load_one(path: str, dtype: str, quant: str) -> dict:
         t.reshape(-1).view(torch.uint8)[::4096].sum()
     touch = time.perf_counter() - t0
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    return {"load_wall_s": round(wall, 2), "load_cpu_s": round(cpu, 2), "rss_before_GB": round(before / 1e9, 2),
+    return {"load_wall_s": round(wall, 2), "load_cpu_s": round(cpu, 2),
+            "rss_before_GB": round(before / 1e9, 2),
             "peak_rss_loaded_GB": round(loaded / 1e9, 2), "first_read_s": round(touch, 2),
             "peak_rss_after_read_GB": round(_peak_rss() / 1e9, 2), "model_GB": round(nbytes / 1e9, 3)}
 

@@ -27,6 +27,12 @@ from pascaline.gguf.dequant import CHUNK_VALUES, dequantize, dequantize_chunked
 from pascaline.gguf.ggml_types import GGMLType, is_quantized
 
 
+def _row_nbytes(gtype: GGMLType, width: int) -> int:
+    if width % gtype.block_size:
+        raise ValueError(f"{gtype.name} rows are whole {gtype.block_size}-value blocks, not {width} values")
+    return gtype.row_nbytes(width)
+
+
 class GGUFLinear(nn.Module):
     """A linear layer whose weight stays in GGUF blocks; forward computes in the input's dtype."""
 
@@ -41,30 +47,18 @@ class GGUFLinear(nn.Module):
         bias_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        if in_features % gtype.block_size:
-            raise ValueError(
-                f"{gtype.name} needs rows of whole {gtype.block_size}-value blocks, "
-                f"got in_features={in_features}"
-            )
         self.in_features, self.out_features, self.gtype = in_features, out_features, gtype
-        qweight = torch.empty(out_features, gtype.row_nbytes(in_features), dtype=torch.uint8, device=device)
+        qweight = torch.empty(out_features, _row_nbytes(gtype, in_features), dtype=torch.uint8, device=device)
         self.register_buffer("qweight", qweight)
-        self.register_buffer(
-            "bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None
-        )
+        self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias
+                             else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, gtype: GGMLType) -> GGUFLinear:
         """Empty buffers of the right shapes for ``linear`` (built on ``meta``, filled by the loader)."""
         w = linear.weight
-        return cls(
-            linear.in_features,
-            linear.out_features,
-            gtype,
-            bias=linear.bias is not None,
-            device=w.device,
-            bias_dtype=w.dtype,
-        )
+        return cls(linear.in_features, linear.out_features, gtype, bias=linear.bias is not None,
+                   device=w.device, bias_dtype=w.dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as ``[out_features, in_features]`` in ``dtype``, on ``qweight``'s device."""
@@ -98,16 +92,10 @@ class GGUFEmbedding(nn.Module):
         compute_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        if embedding_dim % gtype.block_size:
-            raise ValueError(
-                f"{gtype.name} needs rows of whole {gtype.block_size}-value blocks, "
-                f"got embedding_dim={embedding_dim}"
-            )
         self.num_embeddings, self.embedding_dim, self.gtype = num_embeddings, embedding_dim, gtype
         self.compute_dtype = compute_dtype
-        qweight = torch.empty(
-            num_embeddings, gtype.row_nbytes(embedding_dim), dtype=torch.uint8, device=device
-        )
+        row = _row_nbytes(gtype, embedding_dim)
+        qweight = torch.empty(num_embeddings, row, dtype=torch.uint8, device=device)
         self.register_buffer("qweight", qweight)
 
     def _apply(self, fn, recurse: bool = True):
@@ -144,13 +132,9 @@ def gguf_linear_swap_(model: nn.Module, gguf_types: Mapping[str, GGMLType]) -> n
         if isinstance(child, nn.Linear) and child.in_features % gtype.block_size == 0:
             swapped = GGUFLinear.from_linear(child, gtype)
         elif isinstance(child, nn.Embedding) and child.embedding_dim % gtype.block_size == 0:
-            swapped = GGUFEmbedding(
-                child.num_embeddings,
-                child.embedding_dim,
-                gtype,
-                device=child.weight.device,
-                compute_dtype=child.weight.dtype,
-            )
+            w = child.weight
+            swapped = GGUFEmbedding(child.num_embeddings, child.embedding_dim, gtype, device=w.device,
+                                    compute_dtype=w.dtype)
         if swapped is not None:
             parent, _, name = fqn.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, name, swapped)
@@ -166,13 +150,9 @@ def dequant_workspace_bytes(model: nn.Module, compute: torch.dtype) -> int:
     """Device bytes beyond the weights that the largest ``GGUFLinear``'s forward allocates.
 
     The weight dequantized in ``compute`` (it lives for the matmul) plus one band of
-    float32 temporaries of ``dequantize_chunked`` (the unpacked codes, the float32 values
-    and their scaled copy: about 3 x 4 bytes per value of the band). 0 without GGUF linears.
+    ``dequantize_chunked`` temporaries (the unpacked uint8 codes and their float32 values,
+    bounded by 12 bytes per value of the band). 0 without GGUF linears.
     """
-    widest = max(
-        (m.in_features * m.out_features for m in gguf_modules(model).values() if isinstance(m, GGUFLinear)),
-        default=0,
-    )
-    if widest == 0:
-        return 0
-    return widest * compute.itemsize + 3 * 4 * min(widest, CHUNK_VALUES)
+    linears = [m for m in gguf_modules(model).values() if isinstance(m, GGUFLinear)]
+    widest = max((m.in_features * m.out_features for m in linears), default=0)
+    return 0 if widest == 0 else widest * compute.itemsize + 3 * 4 * min(widest, CHUNK_VALUES)

@@ -74,6 +74,11 @@ class GGUFTensorInfo:
         return math.prod(self.shape)
 
 
+def damaged(path: Path, detail: str) -> NotGGUFError:
+    """The one error of a header that parses but cannot be right."""
+    return NotGGUFError(f"{path} has a damaged GGUF header ({detail}); download or convert it again.")
+
+
 class _Cursor:
     """Little-endian reads from the mapped header with bounds checks."""
 
@@ -105,7 +110,7 @@ class _Cursor:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise NotGGUFError(f"{self.path} has a damaged GGUF header (a name is not UTF-8).") from None
+            raise damaged(self.path, "a name is not UTF-8") from None
 
     def skip_strings(self, count: int) -> None:
         length, buf, pos, size = _U64.unpack_from, self.buf, self.pos, self.size
@@ -123,7 +128,7 @@ class _Cursor:
         if vtype == _STRING:
             return self.string()
         if vtype != _ARRAY or depth > 2:
-            raise NotGGUFError(f"{self.path} has a damaged GGUF header (metadata value type {vtype}).")
+            raise damaged(self.path, f"metadata value type {vtype}")
         etype, count = self.take("I"), self.take("Q")
         if etype in _SCALARS:
             if count > KEEP_ARRAY:
@@ -149,7 +154,8 @@ class GGUFFile:
         self.nbytes = self.path.stat().st_size
         with self.path.open("rb") as f:
             if f.read(4) != MAGIC:
-                raise NotGGUFError(f"{self.path} is not a GGUF file (it does not start with 'GGUF').")
+                raise NotGGUFError(f"{self.path} is not a GGUF file (it does not start with 'GGUF'); pass "
+                                   "the .gguf file itself.")
             # Copy-on-write mapping: writable views for torch, the file itself is never written.
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         cur = _Cursor(self._map, self.nbytes, self.path)
@@ -175,7 +181,7 @@ class GGUFFile:
         entries = [self._tensor_entry(cur) for _ in range(n_tensors)]
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise NotGGUFError(f"{self.path} has a damaged GGUF header (general.alignment {align!r}).")
+            raise self._damaged(f"general.alignment {align!r}")
         self.alignment = align
         self.data_offset = -(-cur.pos // align) * align
         self.tensors: dict[str, GGUFTensorInfo] = {}
@@ -185,28 +191,27 @@ class GGUFFile:
 
     # --- parsing -----------------------------------------------------------------------------
 
+    def _damaged(self, detail: str) -> NotGGUFError:
+        return damaged(self.path, detail)
+
     def _tensor_entry(self, cur: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
         name = cur.string()
         n_dims = cur.take("I")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise NotGGUFError(f"{self.path} has a damaged GGUF header ({name} has {n_dims} dimensions).")
+            raise self._damaged(f"{name} has {n_dims} dimensions")
         dims = cur.many("Q", n_dims)
         return name, dims, cur.take("I"), cur.take("Q")
 
     def _add(self, name: str, dims: tuple[int, ...], type_id: int, offset: int) -> None:
         if name in self.tensors:
-            raise NotGGUFError(f"{self.path} has a damaged GGUF header (tensor {name} appears twice).")
+            raise self._damaged(f"tensor {name} appears twice")
         gtype = ggml_type(type_id, f"{self.path}: {name}")
         if any(d < 1 for d in dims) or dims[0] % gtype.block_size:
-            raise NotGGUFError(
-                f"{self.path} has a damaged GGUF header ({name} has dimensions {dims}, which "
-                f"{gtype.name} blocks of {gtype.block_size} values cannot hold)."
-            )
+            raise self._damaged(f"{name} has dimensions {dims}, which {gtype.name} blocks of "
+                                f"{gtype.block_size} values cannot hold")
         if offset % self.alignment:
-            raise NotGGUFError(
-                f"{self.path} has a damaged GGUF header ({name} starts at offset {offset}, "
-                f"not a multiple of the alignment {self.alignment})."
-            )
+            raise self._damaged(f"{name} starts at offset {offset}, not a multiple of the alignment "
+                                f"{self.alignment}")
         numel = math.prod(dims)
         shape = self._orig_shape(name, numel) or tuple(reversed(dims))
         nbytes = numel // gtype.block_size * gtype.type_size
@@ -218,17 +223,14 @@ class GGUFFile:
             return None
         ok = isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value)
         if not ok or math.prod(value) != numel:
-            raise NotGGUFError(
-                f"{self.path} has a damaged GGUF header ({ORIG_SHAPE}{name} = {value!r} does not "
-                f"describe its {numel:,} values)."
-            )
+            raise self._damaged(f"{ORIG_SHAPE}{name} = {value!r} does not describe its {numel:,} values")
         return tuple(value)
 
     def _check_layout(self) -> None:
         end, last = self.data_offset, None
         for info in sorted(self.tensors.values(), key=lambda t: t.offset):
             if info.offset < end:
-                raise NotGGUFError(f"{self.path} has a damaged GGUF header ({info.name} overlaps {last}).")
+                raise self._damaged(f"{info.name} overlaps {last}")
             end, last = info.offset + info.nbytes, info.name
         if end > self.nbytes:
             raise TruncatedFileError(
