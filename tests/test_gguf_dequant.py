@@ -88,3 +88,26 @@ def test_unsupported_and_unknown_types_are_named():
     assert "model.gguf: blk.0.attn_q.weight" in str(e.value)
     with pytest.raises(WeightsError, match="GGML type 77, which no ggml release"):
         ggml_type(77, "model.gguf: x")
+    with pytest.raises(WeightsError, match="IQ4_XS, a GGML type pascaline cannot dequantize"):
+        dequantize(torch.zeros(136, dtype=torch.uint8), GGML_TYPES[int(Q.IQ4_XS)], (256,))
+
+
+@pytest.mark.cuda
+def test_dequantization_on_cuda_equals_the_cpu():
+    rng = np.random.default_rng(5)
+    x = torch.randn(8, 512)
+    for qtype in SUPPORTED:
+        gtype = type_named(qtype)
+        if gtype.block_size == 1:
+            data = encode(rng.standard_normal((64, 512)).astype(np.float32), qtype, rng)
+        else:
+            data = random_blocks(qtype, 64 * 512 // gtype.block_size, rng).reshape(64, -1)
+        rows = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8)).reshape(64, -1)
+        cpu = dequantize_chunked(rows, gtype, (64, 512), torch.float32, chunk_values=4096)
+        gpu = dequantize_chunked(rows.cuda(), gtype, (64, 512), torch.float32, chunk_values=4096)
+        assert _same_bits(gpu.cpu(), cpu), qtype
+        if qtype in K_QUANTS:
+            layer = GGUFLinear(512, 64, gtype, bias=False)
+            layer.qweight = rows
+            want = layer(x)
+            assert torch.allclose(layer.cuda()(x.cuda()).cpu(), want, atol=1e-4, rtol=1e-4), qtype

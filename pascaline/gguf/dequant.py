@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pascaline.gguf.ggml_types import GGMLType
+from pascaline.gguf.ggml_types import GGMLType, ggml_type
 
 QK_K = 256
 CHUNK_VALUES = 1 << 22  # values dequantized per band by dequantize_chunked (16 MB of float32)
@@ -177,7 +177,7 @@ def dequantize(
         return flat.view(_FLOATS[gtype.name]).to(torch.float32).to(dtype).reshape(tuple(shape))
     decode = _BLOCKS.get(gtype.name)
     if decode is None:
-        raise ValueError(f"no dequantizer for GGML type {gtype.name}")  # ggml_type() refused it already
+        ggml_type(gtype.id)  # raises the sentence naming the type (GGUFFile refuses such files on open)
     blocks = flat.reshape(-1, gtype.type_size)  # [n_blocks, type_size]
     return decode(blocks).to(dtype).reshape(tuple(shape))
 

@@ -94,7 +94,9 @@ def _materialized(model: nn.Module, tensors: Iterable, dtype) -> Iterator:
             if isinstance(owner, GGUFLinear | GGUFEmbedding) and owner.gtype == t.gtype:
                 yield prefix + ".qweight", t.rows()
                 continue
-            t = t.dequantize(torch.float32 if dtype is None else dtype)
+            # a layer that requantizes (QLinear) gets the exact float32 values, not a bf16 rounding
+            requantized = hasattr(owner, "state_from_float")
+            t = t.dequantize(torch.float32 if dtype is None or requantized else dtype)
         yield key, _fitted(t, expected[key].shape) if key in expected else t
 
 
