@@ -12,7 +12,7 @@ from torch import nn
 from pascaline.errors import PascalineError, StateDictError, TruncatedFileError, WrongModelError
 from pascaline.formats.qwen3 import load_text_encoder
 from pascaline.formats.zimage_dit import load_dit
-from pascaline.gguf.loaders import gguf_dit_skeleton, gguf_tensor_stream, load_gguf_into_
+from pascaline.gguf.loaders import Qwen3GGUF, gguf_dit_skeleton, gguf_tensor_stream, load_gguf_into_
 from pascaline.gguf.module import GGUFEmbedding, GGUFLinear, dequant_workspace_bytes
 from pascaline.gguf.names import sd3_name, t5_name
 from pascaline.gguf.policy import gguf_quant
@@ -143,6 +143,9 @@ def test_qwen3_from_gguf_equals_transformers_on_the_held_weights(qwen3_files, to
 def test_qwen3_k_quant_mix(qwen3_files):
     path, ref, held = qwen3_files[1]
     encoder = load_text_encoder(path, dtype=torch.float32, tokenizer=object())
+    skeleton = Qwen3GGUF.open(path).skeleton(dtype=torch.float32)
+    assert unit_sizes(skeleton) == unit_sizes(encoder.model) and other_nbytes(skeleton) == other_nbytes(
+        encoder.model)
     ids = [[5, 17, 999, 3, 42], [1, 2]]
     want = reference_features(_reference_model(ref, held), ids)
     with torch.no_grad():

@@ -178,10 +178,8 @@ class Qwen3GGUF:
         cfg = infer_encoder_config(gguf_shapes(gf, name_map("qwen3-encoder", gf.tensors)))
         return cls(gf, replace(cfg, **_qwen3_hparams(gf)))
 
-    def load(self, *, dtype: torch.dtype = torch.bfloat16, device="cpu", quant=None):
-        """The ``Qwen3Encoder`` (used layers only, rotary table built on ``device``)."""
+    def _used_names(self) -> NameMap:
         from pascaline.formats.qwen3 import unused_keys
-        from pascaline.models.qwen3_encoder import build_encoder, materialize_rotary_
 
         names = name_map("qwen3-encoder", self.file.tensors)
         skip = unused_keys(self.config, list(gguf_shapes(self.file, names)))
@@ -190,10 +188,23 @@ class Qwen3GGUF:
             key = names(name)  # Qwen3 names map one to one
             return None if key in skip else key
 
+        return used
+
+    def load(self, *, dtype: torch.dtype = torch.bfloat16, device="cpu", quant=None):
+        """The ``Qwen3Encoder`` (used layers only, rotary table built on ``device``)."""
+        from pascaline.models.qwen3_encoder import build_encoder, materialize_rotary_
+
+        used = self._used_names()
         with self.file as gf:
             model = build_encoder(self.config)
             load_gguf_into_(model, gf, used, dtype=dtype, device=device, quant=quant)
         return materialize_rotary_(model, device)
+
+    def skeleton(self, *, dtype: torch.dtype = torch.bfloat16, quant=None):
+        """The encoder ``load`` would build, on ``meta`` (for a plan); the file stays open."""
+        from pascaline.models.qwen3_encoder import build_encoder
+
+        return prepare_gguf_model_(build_encoder(self.config), self.file, self._used_names(), quant).to(dtype)
 
 
 def _qwen3_hparams(gf: GGUFFile) -> dict:
