@@ -24,6 +24,10 @@ class NotSafetensorsError(WeightsError):
     """The file is not a safetensors file (pickled checkpoints are never loaded)."""
 
 
+class NotGGUFError(WeightsError):
+    """The file is not a GGUF file, or its GGUF header is damaged."""
+
+
 class TruncatedFileError(WeightsError):
     """The file is shorter than its own header declares (an interrupted download)."""
 

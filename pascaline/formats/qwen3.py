@@ -24,6 +24,7 @@ from pascaline.formats.detect import describe, guess_kind
 from pascaline.formats.materialize import load_state_
 from pascaline.formats.recipes import FLOAT8, SCALE_SUFFIXES, dequantize_scaled, is_scale_or_marker
 from pascaline.formats.safetensors_io import WeightSource
+from pascaline.gguf.reader import is_gguf_file
 from pascaline.models.qwen3_encoder import (
     Qwen3Encoder,
     Qwen3EncoderConfig,
@@ -179,7 +180,7 @@ def load_text_encoder(
     quant=None,
     max_caption_tokens: int = MAX_CAPTION_TOKENS,
 ) -> TextEncoder:
-    """The Z-Image text encoder from a ComfyUI file, a ``text_encoder/`` folder or a snapshot.
+    """The Z-Image text encoder from a ComfyUI file, a ``text_encoder/`` folder, a snapshot or a GGUF.
 
     ``tokenizer``: a tokenizer object, a tokenizer folder, or ``None`` to find one offline
     next to the weights or build it (see ``pascaline.formats.tokenizer.load_tokenizer``).
@@ -187,6 +188,13 @@ def load_text_encoder(
     on load; a pascaline-quantized file brings its own.
     """
     path = resolve_encoder_path(path)
+    if is_gguf_file(path):  # by its magic bytes
+        from pascaline.gguf.loaders import Qwen3GGUF
+
+        gguf = Qwen3GGUF.open(path)
+        tok = _tokenizer_for(path, tokenizer)
+        model = gguf.load(dtype=dtype, device=device, quant=quant)
+        return TextEncoder(model, tok, config=gguf.config, max_caption_tokens=max_caption_tokens)
     with WeightSource(path) as source:
         shapes, cfg = _qwen3_config(source, path)
         tok = _tokenizer_for(path, tokenizer)  # a missing tokenizer fails before the long read

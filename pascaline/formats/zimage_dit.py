@@ -35,6 +35,7 @@ from pascaline.formats.recipes import (
     scaled_recipe,
 )
 from pascaline.formats.safetensors_io import WeightSource
+from pascaline.gguf.reader import is_gguf_file
 from pascaline.models.zimage_dit import VARIANTS, ZImageDiT, ZImageDiTConfig
 
 COMFY_PREFIX = "model.diffusion_model."
@@ -185,9 +186,16 @@ def infer_dit_config(shapes: Mapping[str, tuple[int, ...]]) -> ZImageDiTConfig:
         adaln_dim=adaln, t_mid_dim=t_mid, t_freq_dim=t_freq, axes_dims=_rope_axes(head_dim))
 
 
+def resolve_dit_config(config: ZImageDiTConfig | str | None, shapes: Mapping[str, tuple[int, ...]]):
+    """``config`` itself, the variant it names, or (``None``) the config inferred from ``shapes``."""
+    if isinstance(config, str) and config not in VARIANTS:
+        raise InvalidArgumentError(f"unknown DiT config {config!r}; use one of {', '.join(VARIANTS)}.")
+    return VARIANTS[config] if isinstance(config, str) else config or infer_dit_config(shapes)
+
+
 def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
              config: ZImageDiTConfig | str | None = None, quant=None) -> ZImageDiT:
-    """Load a Z-Image DiT from a ComfyUI file, a diffusers ``transformer/`` folder or a snapshot root.
+    """Load a Z-Image DiT from a ComfyUI file, a diffusers ``transformer/`` folder, a snapshot root or a GGUF.
 
     The model is built on ``meta`` and filled one tensor at a time from the memory-mapped
     file, cast to ``dtype`` (or quantized when ``quant`` or the file's metadata names a
@@ -195,15 +203,17 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     ``config`` (a ZImageDiTConfig or a name in ``VARIANTS``) overrides the config inferred
     from the shapes. Returns the model in eval mode without gradients.
     """
+    if is_gguf_file(path):  # by its magic bytes
+        from pascaline.gguf.loaders import load_gguf_dit
+
+        return load_gguf_dit(path, dtype=dtype, device=device, config=config, quant=quant)
     source = open_dit_source(path)
     shapes = source.shapes()
     if detect_dit_format(shapes) is None:
         raise WrongModelError(f"{source.path} looks like {describe(shapes)}, not a Z-Image DiT; pass the "
                               "diffusion model file (diffusion_models/z_image_turbo_*.safetensors) or a "
                               "diffusers transformer/ folder.")
-    if isinstance(config, str) and config not in VARIANTS:
-        raise InvalidArgumentError(f"unknown DiT config {config!r}; use one of {', '.join(VARIANTS)}.")
-    cfg = VARIANTS[config] if isinstance(config, str) else config or infer_dit_config(shapes)
+    cfg = resolve_dit_config(config, shapes)
     with torch.device("meta"):
         model = ZImageDiT(cfg)
     return load_with_scheme_(model, source, lambda: iter_dit_tensors(source), quant=quant, dtype=dtype,
