@@ -202,6 +202,7 @@ def _dit_placement(dtype, quant: str | None, budget: int, model: str) -> str:
 _PHASES = {
     "load": "loading models",
     "encode": "encoding prompt",
+    "enhance": "enhancing prompt",
     "steps": "sampling",
     "decode": "decoding",
     "quantize": "quantizing",
@@ -269,6 +270,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (0 = off)")
     p.add_argument("--slg-start", type=float, help="skip-layer guidance starts at this share of the schedule")
     p.add_argument("--slg-end", type=float, help="skip-layer guidance ends at this share of the schedule")
+    p.add_argument("--enhance", action="store_true", help="expand the prompt first with the text "
+                   "encoder's own language model (Z-Image's Qwen3-4B); printed, and kept in the PNG")
+    p.add_argument("--enhance-seed", type=int, metavar="N", help="sample the expansion with this seed "
+                   "(default: greedy, the same words every time)")
     p.add_argument("--blind-start", type=int, default=0, metavar="K", help="first K steps unconditioned")
     p.add_argument("--init-image", metavar="FILE", help="start from this image (img2img, with --denoise)")
     p.add_argument("--denoise", type=float, default=1.0, help="share of the schedule to run (default 1)")
@@ -352,7 +357,8 @@ def _options_from_args(args: argparse.Namespace):
         args.prompt, args.negative, width, height, args.steps, args.seed, args.sampler, args.scheduler,
         args.shift, args.cfg, args.blind_start, args.init_image, args.denoise,
         negative_mode=args.negative_mode, slg_layers=_slg_layers(args.slg_layers), slg_scale=args.slg_scale,
-        slg_start=args.slg_start, slg_end=args.slg_end, rounding=args.rounding,
+        slg_start=args.slg_start, slg_end=args.slg_end, rounding=args.rounding, enhance=args.enhance,
+        enhance_seed=args.enhance_seed,
     ).with_seed()  # fmt: skip
 
 
@@ -381,7 +387,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for i, path in enumerate(paths):
             image_options = options.with_seed(options.seed + i) if i else options
             image = pipe.run(image_options)
-            save_png(image, path, pipe.metadata(image_options))
+            meta = pipe.metadata(image_options)
+            if options.enhance and i == 0:
+                print(f"enhanced prompt: {meta['prompt']}", flush=True)
+            save_png(image, path, meta)
             reports.append(pipe.last_report)
             bars.close()
             print(f"{path}  seed {image_options.seed}  {options.width}x{options.height}", flush=True)

@@ -237,6 +237,11 @@ class Family:
         """The variant whose settings suit a diffusion model of ``config`` (a fine-tune included)."""
         return self.default_variant
 
+    def load_enhancer(self, files, ctx: LoadContext):
+        """The language model that expands prompts (``generate --enhance``), or None when the
+        family's text encoder is no complete LM (then enhancement is refused)."""
+        return None
+
     def quantize_source(self, kind: str, path: Path):
         """``(WeightSource, meta model, tensors())`` of a file of ``kind`` for ``pascaline quantize``."""
         raise NotImplementedError

@@ -105,6 +105,13 @@ class ZImage(Family):
         models_dir = files.root or (encoder.parent if encoder.is_dir() else encoder.parent.parent)
         return {"text_encoder": load_tokenizer(models_dir=models_dir)}
 
+    def load_enhancer(self, files, ctx: LoadContext):
+        # Qwen3-4B is a whole causal LM (all 36 layers, final norm, tied output): the encoder file
+        from pascaline.formats.qwen3 import load_language_model
+
+        return load_language_model(files.text_encoder, dtype=ctx.dtype, device=ctx.device, quant=ctx.quant,
+                                   tokenizer=ctx.tokenizers["text_encoder"])  # fmt: skip
+
     def quantize_source(self, kind: str, path: Path):
         if kind == "zimage-dit":
             from pascaline.formats.zimage_dit import quantize_source

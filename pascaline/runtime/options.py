@@ -54,6 +54,8 @@ class GenerateOptions:
     negative prompt, when given, is always encoded. ``slg_*``: SD3.5's skip-layer guidance (the
     blocks skipped, the scale, and the window as fractions of the timestep range). ``rounding``
     is the 8-bit rule of a PIL image: ``"comfyui"`` (ComfyUI's pixels) or ``"round"`` (diffusers').
+    ``enhance`` expands the prompt with the family's language model first (Z-Image's Qwen3-4B),
+    greedily, or by seeded sampling with ``enhance_seed``.
     """
 
     prompt: str
@@ -76,6 +78,8 @@ class GenerateOptions:
     slg_start: float | None = None
     slg_end: float | None = None
     rounding: str = "comfyui"
+    enhance: bool = False
+    enhance_seed: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
@@ -103,6 +107,12 @@ class GenerateOptions:
                 f"output {self.output!r} is unknown; choose one of {', '.join(OUTPUTS)}."
             )
         self._check_guidance()
+        if not isinstance(self.enhance, bool):
+            raise InvalidArgumentError(f"enhance must be true or false, not {self.enhance!r}.")
+        seed = self.enhance_seed
+        if seed is not None and (not whole(seed) or not 0 <= seed < SEED_RANGE):
+            raise InvalidArgumentError(f"enhance seed {seed!r} is out of range; use a whole number "
+                                       "from 0 to 2**64-1.")
         from pascaline.formats.flux_vae import ROUNDINGS
 
         if self.rounding not in ROUNDINGS:

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,9 @@ class Pipeline:
         self.last_report: GenerationReport | None = None
         self._models: dict[str, Any] = {}
         self._captions: tuple[tuple, list] | None = None
+        self._enhanced: dict[tuple[str, int | None], str] = {}  # (prompt, enhance seed) -> expanded
+        # runtime.enhance.enhance_prompt's settings (max_new_tokens, temperature, top_p, top_k, system)
+        self.enhance_options: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         budget = "none" if self.budget_bytes is None else format_bytes(self.budget_bytes)
@@ -239,6 +243,8 @@ class Pipeline:
         try:
             self._check_host_ram()
             self._check_dit_fits(options)
+            if options.enhance:
+                options = replace(options, prompt=self._enhance(options.prompt, options.enhance_seed, ledger))
             conds = self._encode_stage(options, ledger, report)
             init = self._vae_encode_stage(options, ledger) if options.init_image is not None else None
             latent = self._dit_stage(options, conds, init, ledger, report, callback)
@@ -266,14 +272,68 @@ class Pipeline:
         if self.family.supports_skip_layers:
             extra |= {"slg_layers": list(o.slg_layers or ()), "slg_scale": o.slg_scale,
                       "slg_start": o.slg_start, "slg_end": o.slg_end}  # fmt: skip
+        enhanced = self._enhanced.get((o.prompt, o.enhance_seed)) if o.enhance else None
         return generation_metadata(
-            prompt=o.prompt, negative=o.negative_prompt, seed=o.seed, width=o.width, height=o.height,
+            prompt=enhanced or o.prompt, original_prompt=o.prompt if enhanced else None,
+            negative=o.negative_prompt, seed=o.seed, width=o.width, height=o.height,
             models=models, sampler=o.sampler, scheduler=o.scheduler, steps=o.steps, shift=o.shift, cfg=o.cfg,
             quant=self.quant_label, blind_start=o.blind_start, denoise=o.denoise, family=self.family.name,
             variant=self.variant.name, extra=extra, rounding=o.rounding,
             init_image=o.init_image if isinstance(o.init_image, (str, Path)) else None,
             without=[c.role for c in self.family.components if c.role not in self.files.located],
         )  # fmt: skip
+
+    def enhance_prompt(self, text: str, *, seed: int | None = None) -> str:
+        """``text`` expanded by the family's language model (Z-Image: the full Qwen3-4B of the text
+        encoder file), greedily or by seeded sampling; the same (text, seed) gives the same words.
+        ``pipe.enhance_options`` passes settings to ``runtime.enhance.enhance_prompt``
+        (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``system``)."""
+        from pascaline.offload.ledger import LIBRARY_WORKSPACE_BYTES, MemoryLedger
+
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"the prompt must be text, not {type(text).__name__}.")
+        return self._enhance(text, seed, MemoryLedger(self.device, cuda_slack_bytes=LIBRARY_WORKSPACE_BYTES))
+
+    def _enhance(self, text: str, seed: int | None, ledger) -> str:
+        key = (text, seed)
+        if key in self._enhanced:
+            return self._enhanced[key]
+        from pascaline.runtime.enhance import enhance_streamed
+
+        ctx = LoadContext(self.dtypes["encoder"], self._schemes.get(self.family.encoder_roles[0]), "cpu",
+                          self.tokenizers)  # fmt: skip
+        with ledger.stage("enhance"):
+            lm = self._models.get("enhancer") or self._load_enhancer(ctx)
+            def progress(done: int, total: int) -> None:
+                self._report("enhance", done, total)
+
+            try:
+                expanded = enhance_streamed(lm, text, device=self.device, budget_bytes=self.budget_bytes,
+                                            prefetch=self.prefetch, ledger=ledger, seed=seed,
+                                            callback=progress, **self.enhance_options)  # fmt: skip
+            finally:
+                if self.keep_loaded:
+                    self._models["enhancer"] = lm
+                del lm
+                gc.collect()
+        self._enhanced[key] = expanded
+        return expanded
+
+    def _load_enhancer(self, ctx: LoadContext):
+        role = self.family.encoder_roles[0]
+        need = estimated_host_bytes(self.files.where(role).path, ctx.dtype, ctx.quant is not None)
+        available = _available_ram()
+        if available is not None and need > available:
+            from pascaline.errors import HostMemoryError
+
+            raise HostMemoryError(f"prompt enhancement needs the whole language model, about "
+                                  f"{format_bytes(need)} of RAM, but only {format_bytes(available)} is "
+                                  "available; leave --enhance out.")
+        lm = self.family.load_enhancer(self.files, ctx)
+        if lm is None:
+            raise InvalidArgumentError(f"{self.family.label} has no language model to enhance prompts with; "
+                                       "leave --enhance out.")
+        return lm
 
     @property
     def quant_label(self) -> str:
