@@ -261,3 +261,15 @@ def test_activation_estimate_grows_with_the_image():
     w8a8 = dit_activation_bytes(cfg, tokens, torch.float32, "w8a8")
     assert w8a8 - large == tokens.total * cfg.ffn_hidden * 9
     assert dit_activation_bytes(cfg, tokens, "fp32", "int8") - large == cfg.dim * cfg.ffn_hidden * 8
+
+
+def test_kept_models_keep_their_streamers_packed_between_calls(models):
+    p = load_pipeline(models.comfy, device="cpu", quant="none", vram_budget="24MiB", keep_loaded=True)
+    first = p.generate(PROMPT, width=32, height=32, seed=3, steps=2, output="tensor")
+    streamer = p._streamers["dit"]
+    assert streamer.packed and not streamer.attached  # streamed blocks still bound to their host packing
+    second = p.generate(PROMPT + " again", width=32, height=32, seed=3, steps=2, output="tensor")
+    assert p._streamers["dit"] is streamer and p.last_report.all_freed
+    assert not torch.equal(first, second)  # another prompt: the encoder and the DiT ran again
+    p.unload_()
+    assert not streamer.packed and p._streamers == {}

@@ -187,6 +187,7 @@ class Pipeline:
         self.device = torch.device(caps.device)
         self.last_report: GenerationReport | None = None
         self._models: dict[str, Any] = {}
+        self._streamers: dict[str, Any] = {}  # kept models' BlockStreamers, packed between calls
         self._captions: tuple[tuple, list] | None = None
         self._enhanced: dict[tuple[str, int | None], str] = {}  # (prompt, enhance seed) -> expanded
         # runtime.enhance.enhance_prompt's settings (max_new_tokens, temperature, top_p, top_k, system)
@@ -352,6 +353,9 @@ class Pipeline:
 
     def unload_(self) -> None:
         """Drop the host copies (the next call reads the files again)."""
+        for streamer in self._streamers.values():
+            streamer.release_host_()
+        self._streamers.clear()
         self._models.clear()
         self._captions = None
         gc.collect()
@@ -416,14 +420,28 @@ class Pipeline:
 
     @contextmanager
     def _placed(self, module, name: str, activation_bytes: int, ledger, report: GenerationReport | None):
-        """``module`` on the device for the stage: resident, or with its units streamed."""
+        """``module`` on the device for the stage: resident, or with its units streamed.
+
+        A model kept between calls keeps its streamer too (``keep_host``): its streamed blocks
+        stay packed in pinned host memory, so the next call pins and copies nothing on the host.
+        """
         from pascaline.offload.plan import plan_for_model
         from pascaline.offload.streamer import BlockStreamer
 
         plan = plan_for_model(module, self.budget_bytes, activation_bytes, self.prefetch)
         if report is not None:
             report.plans[name] = plan.describe()
-        streamer = BlockStreamer(module, plan, self.device, ledger=ledger, name=name).attach_()
+        streamer = self._streamers.pop(name, None)
+        if streamer is not None and (streamer.model is not module or not self.keep_loaded):
+            streamer.release_host_()
+            streamer = None
+        if streamer is None:
+            streamer = BlockStreamer(module, plan, self.device, ledger=ledger, name=name,
+                                     keep_host=self.keep_loaded)  # fmt: skip
+        streamer.ledger = ledger
+        streamer.attach_(plan)
+        if self.keep_loaded:
+            self._streamers[name] = streamer
         try:
             yield plan
         finally:
