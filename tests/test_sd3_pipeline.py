@@ -178,3 +178,17 @@ def test_user_errors(sd3, tmp_path, capsys, tmp_path_factory, monkeypatch):
 
     monkeypatch.setattr(toks, "PACKAGED", tmp_path / "no-packaged-tokenizers")
     _fails(capsys, ["--models", str(sd3.comfy)], "tokenizer", tmp_path)
+
+
+def test_a_quantized_mmdit_file_is_written_found_and_runs_as_quantized_on_load(sd3, tmp_path):
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(sd3.comfy, folder)
+    checkpoint = folder / "checkpoints" / "sd3_tiny.safetensors"
+    assert main(["quantize", str(checkpoint), "--scheme", "int8"]) == 0  # the MMDiT part of the checkpoint
+    written = folder / "checkpoints" / "sd3_tiny_int8.safetensors"
+    pre = load_pipeline(folder, device="cpu", quant="int8", keep_loaded=False)
+    assert pre.files.dit == written and pre.files.vae == checkpoint  # the VAE still from the checkpoint
+    on_load = load_pipeline(sd3.comfy, device="cpu", quant="int8", keep_loaded=False)
+    assert torch.equal(_image(pre, seed=1, steps=2), _image(on_load, seed=1, steps=2))
