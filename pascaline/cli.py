@@ -382,6 +382,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             without=tuple(args.without or ()), tokenizer=args.tokenizer, device=args.device,
             vram_budget=args.vram_budget, quant=args.quant, progress=bars,
         )  # fmt: skip
+        for note in pipe.notes:
+            print(f"pascaline: {note}", file=sys.stderr)
         options = pipe.resolve(options)  # the model's defaults, checked before any image is made
         reports = []
         for i, path in enumerate(paths):

@@ -273,3 +273,26 @@ def test_kept_models_keep_their_streamers_packed_between_calls(models):
     assert not torch.equal(first, second)  # another prompt: the encoder and the DiT ran again
     p.unload_()
     assert not streamer.packed and p._streamers == {}
+
+
+def test_auto_quantizes_when_the_float_model_would_not_fit_in_ram(models, monkeypatch, tmp_path):
+    import shutil
+
+    from pascaline.runtime.quantize import quantize_file
+
+    folder = tmp_path / "models"
+    shutil.copytree(models.comfy, folder)
+    dit = folder / "diffusion_models" / "z_image_tiny.safetensors"
+    dit_fp32 = pipeline_module.estimated_host_bytes(dit, torch.float32, False)
+    monkeypatch.setattr(pipeline_module, "_available_ram", lambda: dit_fp32 - 1)
+    p = load_pipeline(folder, device="cpu", keep_loaded=False)
+    assert p.quant == "int8" and p.quant_label == "int8"
+    assert p.notes == [f"--quant auto picked int8 weights: the Z-Image DiT in float32 would need about "
+                       f"{pipeline_module.format_bytes(dit_fp32)} of RAM and "
+                       f"{pipeline_module.format_bytes(dit_fp32 - 1)} is available."]  # fmt: skip
+    quantize_file(dit, dit.with_name("z_image_tiny_int8.safetensors"), "int8")
+    p = load_pipeline(folder, device="cpu", keep_loaded=False)
+    assert p.files.dit.name == "z_image_tiny_int8.safetensors"
+    assert p.notes[0].endswith("is available, using the pre-quantized z_image_tiny_int8.safetensors.")
+    monkeypatch.setattr(pipeline_module, "_available_ram", lambda: 1 << 40)
+    assert load_pipeline(folder, device="cpu", keep_loaded=False).quant is None  # enough RAM: the policy

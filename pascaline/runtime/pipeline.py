@@ -186,6 +186,7 @@ class Pipeline:
         self.progress, self.prefetch, self.batch_cfg = progress, prefetch, batch_cfg
         self.device = torch.device(caps.device)
         self.last_report: GenerationReport | None = None
+        self.notes: list[str] = []  # decisions the caller should hear of (an automatic quantization)
         self._models: dict[str, Any] = {}
         self._streamers: dict[str, Any] = {}  # kept models' BlockStreamers, packed between calls
         self._captions: tuple[tuple, list] | None = None
@@ -708,5 +709,35 @@ def load_pipeline(
     )  # fmt: skip
     if variant is None:
         pipe.variant = family.variant(family.guess_variant(pipe.dit_config()))
+    if quant == "auto" and quant_name is None:
+        pipe = _quantized_if_short_of_ram(pipe, models, tokenizer, without, explicit)
     pipe.keep_loaded = _decide_keep(keep_loaded, pipe)
     return pipe.load_() if pipe.keep_loaded else pipe
+
+
+def _quantized_if_short_of_ram(pipe: Pipeline, models, tokenizer, without, explicit) -> Pipeline:
+    """``--quant auto`` where the device policy quantizes nothing (the CPU, a large card): when a
+    component would not fit in the RAM available unquantized, run int8 weights instead (a
+    pre-quantized file beside the float one first), and say why in ``pipe.notes``."""
+    available = _available_ram()
+    needs = pipe.host_needs()
+    if available is None or not needs or max(needs.values()) <= available:
+        return pipe
+    role = max(needs, key=needs.get)
+    files = find_model_files(models, family=pipe.family, tokenizer=tokenizer, quant="int8",
+                             skip=tuple(without), **explicit)  # fmt: skip
+    quantized = Pipeline(
+        files, pipe.caps, budget_bytes=pipe.budget_bytes, quant="int8", quant_is_auto=True,
+        dtypes=pipe.dtypes, keep_loaded=False, variant=pipe.variant, tokenizers=pipe.tokenizers,
+        progress=pipe.progress, prefetch=pipe.prefetch, batch_cfg=pipe.batch_cfg,
+    )  # fmt: skip
+    label = pipe.family.component(role).label
+    dtype = str(pipe._stage_dtype(role)).removeprefix("torch.")
+    picked = [f"{files.where(r).path.name}" for r in files.roles
+              if files.where(r).path != pipe.files.where(r).path]  # fmt: skip
+    also = f", using the pre-quantized {', '.join(picked)}" if picked else ""
+    quantized.notes.append(
+        f"--quant auto picked int8 weights: the {label} in {dtype} would need about "
+        f"{format_bytes(needs[role])} of RAM and {format_bytes(available)} is available{also}."
+    )
+    return quantized
