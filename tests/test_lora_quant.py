@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 from pascaline.errors import InvalidArgumentError, LoraError
-from pascaline.formats.materialize import load_state_
-from pascaline.formats.safetensors_io import WeightSource
-from pascaline.formats.zimage_dit import iter_dit_tensors, load_dit
+from pascaline.formats.zimage_dit import load_dit
 from pascaline.formats.zimage_lora import zimage_lora_targets
 from pascaline.lora import (
     LoraFile,
@@ -20,16 +18,15 @@ from pascaline.lora import (
     apply_loras_,
     branch_nbytes,
     lora_state,
-    merged_tensors,
+    planned_branch_bytes,
     read_lora,
     remove_loras_,
     set_lora_strengths_,
     weight_shapes,
 )
-from pascaline.models.zimage_dit import ZImageDiT
 from pascaline.offload.plan import aligned, unit_sizes
 from pascaline.offload.streamer import BlockStreamer
-from pascaline.quant import Int8WeightOnly, QLinear, quantize_, quantized_modules, scheme_from_name
+from pascaline.quant import QLinear, quantize_file, quantized_modules, scheme_from_name
 from pascaline.quant.primitives import sqnr_db
 from tests.factories.dit import make_tiny_diffusers_dit, save_comfy_dit
 from tests.factories.lora import kohya_keys, random_lora, save_lora
@@ -87,25 +84,12 @@ def test_merge_and_branch_within_sqnr_of_the_float_merge(env, scheme):
 
 def test_merge_while_loading_before_quantization(env):
     """The float file's weights + delta, then quantize-on-load: no run-time cost, no grid loss."""
-    with torch.device("meta"):
-        model = ZImageDiT(load_dit(env["dit"], dtype=torch.float32).config)
-    quantize_(model, Int8WeightOnly())
-    targets = zimage_lora_targets(weight_shapes(model))
-    with WeightSource(env["dit"]) as source:
-        load_state_(
-            model,
-            merged_tensors(iter_dit_tensors(source), [(env["lora"], 1.0)], targets),
-            dtype=torch.float32,
-            keep_dtype=[f"{n}.scale" for n in quantized_modules(model)],
-        )
+    model = load_dit(env["dit"], dtype=torch.float32, quant="int8", loras=[(env["lora"], 1.0)])
+    assert lora_state(model) is None and branch_nbytes(model) == 0  # plain int8 weights
     assert sqnr_db(env["reference"], _run(model)) > FLOORS["int8"][1]
-    prequantized = _quantized(env, "int8")
-    with pytest.raises(LoraError, match="has no float tensor for"):
-        list(
-            merged_tensors(
-                ((k + "x", v) for k, v in prequantized.state_dict().items()), [(env["lora"], 1.0)], targets
-            )
-        )
+    prequantized = quantize_file(env["dit"], env["tmp"] / "int8.safetensors", "int8").path
+    with pytest.raises(LoraError, match="has no float tensor for .*load the model, then apply the LoRA"):
+        load_dit(prequantized, dtype=torch.float32, loras=[(env["lora"], 1.0)])
 
 
 def _half_step_lora(env, tmp, model):
@@ -150,6 +134,9 @@ def test_branch_under_block_streamer_equals_resident_and_is_planned(env):
         branch = model.get_submodule(module + ".lora_branch")
         expected[unit] = expected.get(unit, 0) + sum(aligned(t.nbytes) for t in branch.buffers())
     assert grown == expected and sum(grown.values()) > 0  # the plan counts the branch's bytes
+    targets = zimage_lora_targets(weight_shapes(model))
+    planned = planned_branch_bytes([env["lora"]], targets, model.offload_units)
+    assert {u: b for u, b in planned.items() if u != "other"} == grown and planned["other"] > 0
     sizes = [b for _, b in unit_sizes(model)]
     budget = 2 * max(sizes) + sum(t.nbytes for t in model.parameters()) + (1 << 20)
     with BlockStreamer(model, budget, "cpu", activation_bytes=1 << 20) as streamer:

@@ -190,14 +190,17 @@ def infer_dit_config(shapes: Mapping[str, tuple[int, ...]]) -> ZImageDiTConfig:
 
 
 def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-             config: ZImageDiTConfig | str | None = None, quant=None) -> ZImageDiT:
+             config: ZImageDiTConfig | str | None = None, quant=None, loras=()) -> ZImageDiT:
     """Load a Z-Image DiT from a ComfyUI file, a diffusers ``transformer/`` folder or a snapshot root.
 
     The model is built on ``meta`` and filled one tensor at a time from the memory-mapped
     file, cast to ``dtype`` (or quantized when ``quant`` or the file's metadata names a
     scheme) and placed on ``device``; the full-precision model never exists twice.
     ``config`` (a ZImageDiTConfig or a name in ``VARIANTS``) overrides the config inferred
-    from the shapes. Returns the model in eval mode without gradients.
+    from the shapes. ``loras`` (``[(LoraFile, strength)]``) are merged into the float weights
+    as they stream in, before any cast or quantization: fixed for the model's lifetime (use
+    ``pascaline.lora.apply_loras_`` on the loaded model for removable ones). Returns the model
+    in eval mode without gradients.
     """
     source = open_dit_source(path)
     shapes = source.shapes()
@@ -219,6 +222,11 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     keep = [f"{name}.{b}" for name, m in model.named_modules() if hasattr(m, "state_from_float")
             for b, _ in m.named_buffers(recurse=False)]
     with source:
-        load_state_(model, iter_dit_tensors(source), dtype=dtype, device=device, source=str(source.path),
-                    keep_dtype=keep)
+        tensors = iter_dit_tensors(source)
+        if loras:
+            from pascaline.formats.zimage_lora import zimage_lora_targets
+            from pascaline.lora import merged_tensors, weight_shapes
+
+            tensors = merged_tensors(tensors, loras, zimage_lora_targets(weight_shapes(model)))
+        load_state_(model, tensors, dtype=dtype, device=device, source=str(source.path), keep_dtype=keep)
     return model.requires_grad_(False).eval()

@@ -36,6 +36,7 @@ from pascaline.lora.branch import BRANCH_NAME, LoraBranch, attach_branch_, detac
 from pascaline.lora.files import LoraFile, lora_records
 from pascaline.lora.keys import LoraEntry, LoraTargets, LoraWarning, resolve
 from pascaline.lora.merge import is_float_weighted, is_requantizable, merge_into_, own_tensors, restore_
+from pascaline.offload.plan import aligned
 
 MODES = ("auto", "merge", "branch")
 _STATE = "_pascaline_loras"
@@ -192,6 +193,38 @@ def remove_loras_(model: nn.Module) -> nn.Module:
 def branch_nbytes(model: nn.Module) -> int:
     """Bytes of every branch tensor in ``model`` (they sit on the device with their blocks)."""
     return sum(t.nbytes for m in model.modules() if isinstance(m, LoraBranch) for t in m.buffers())
+
+
+def planned_branch_bytes(loras: Sequence[LoraFile], targets: LoraTargets, units: Sequence[str],
+                         dtype: torch.dtype | None = None, branched=None) -> dict[str, int]:
+    """Bytes the runtime branch adds per offload unit (``"layers.3"``) and outside them (``"other"``).
+
+    For a plan made before the model is loaded (``plan_for_model`` on a loaded model counts
+    them already). ``units`` are the model's ``offload_units``; ``branched`` the modules that
+    will carry a branch (None: every target, i.e. ``mode="branch"``). The layout is
+    ``LoraBranch``'s: one concatenated ``down`` per LoRA and module, one ``up`` per entry.
+    """
+    sizes: dict[str, int] = {}
+    for lora in loras:
+        groups: dict[str, list[LoraEntry]] = {}
+        for entry in resolve(lora, targets):
+            if branched is None or entry.module in branched:
+                groups.setdefault(entry.module, []).append(entry)
+        for module, entries in groups.items():
+            size = (dtype or entries[0].down.dtype).itemsize
+            nbytes = aligned(sum(e.down.numel() for e in entries) * size)
+            nbytes += sum(aligned(e.up.numel() * size) for e in entries)
+            unit = _unit_of(module, units)
+            sizes[unit] = sizes.get(unit, 0) + nbytes
+    return sizes
+
+
+def _unit_of(module: str, units: Sequence[str]) -> str:
+    for name in units:
+        index, _, _ = module.removeprefix(name + ".").partition(".")
+        if module.startswith(name + ".") and index.isdigit():
+            return f"{name}.{index}"
+    return "other"
 
 
 def state_way(state: LoraState, fqn: str) -> str | None:
