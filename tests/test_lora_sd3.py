@@ -18,7 +18,7 @@ from pascaline.errors import LoraError
 from pascaline.formats.sd3_lora import sd3_lora_targets
 from pascaline.formats.zimage_lora import zimage_lora_targets
 from pascaline.lora import LoraWarning, apply_loras_, lora_state, read_lora
-from tests.factories.lora import fuse_qkv_lora, kohya_keys, peft_keys, random_lora, save_lora
+from tests.factories.lora import fuse_qkv_lora, kohya_keys, peft_inject_, peft_keys, random_lora, save_lora
 from tests.factories.sd3_stub import diffusers_twin, make_stub, run_twin
 
 RANK, ALPHA, STRENGTH = 4, 8.0, 0.7
@@ -88,8 +88,6 @@ def _alphas(sd, original):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from peft import LoraConfig
-
     tmp = tmp_path_factory.mktemp("sd3lora")
     twin = diffusers_twin(make_stub())
     base = run_twin(twin)
@@ -102,20 +100,13 @@ def setup(tmp_path_factory):
         torch.randn(RANK, 16, 2, 2, generator=g) / 8,
         torch.randn(32, RANK, 1, 1, generator=g) / 8,
     )
-    twin.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(lora)), adapter_name="default")
-    with torch.no_grad():
-        for name, (down, up) in lora.items():
-            layer = twin.get_submodule(name)
-            layer.lora_A["default"].weight.copy_(down)
-            layer.lora_B["default"].weight.copy_(up)
-    twin.save_lora_adapter(tmp / "peft")
-    twin.set_adapters(["default"], weights=[STRENGTH])
+    peft = peft_inject_(twin, lora, RANK, ALPHA, STRENGTH, tmp / "peft")
     return dict(
         tmp=tmp,
         lora=lora,
         base=base,
         expected=run_twin(twin),
-        peft=tmp / "peft" / "pytorch_lora_weights.safetensors",
+        peft=peft,
     )
 
 

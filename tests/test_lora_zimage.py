@@ -30,7 +30,7 @@ from pascaline.lora import (
     set_lora_strengths_,
 )
 from tests.factories.dit import make_tiny_diffusers_dit, run_diffusers, save_comfy_dit
-from tests.factories.lora import fuse_qkv_lora, kohya_keys, peft_keys, random_lora, save_lora
+from tests.factories.lora import fuse_qkv_lora, kohya_keys, peft_inject_, peft_keys, random_lora, save_lora
 
 RANK, ALPHA, STRENGTH = 4, 8.0, 0.8  # scale alpha / rank = 2
 SCALE = ALPHA / RANK
@@ -49,22 +49,13 @@ def _linears(model) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The base DiT (ComfyUI fp32 file), the deltas, the PEFT file and PEFT's output at STRENGTH."""
-    from peft import LoraConfig
-
     tmp = tmp_path_factory.mktemp("zlora")
     ref = make_tiny_diffusers_dit()
     dit_path = save_comfy_dit(ref, tmp / "dit.safetensors", dtype=torch.float32)
     x, t, caps = _inputs()
     base = run_diffusers(ref, x, t, caps)
     lora = random_lora(_linears(ref), RANK)
-    ref.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(lora)), adapter_name="default")
-    with torch.no_grad():
-        for name, (down, up) in lora.items():
-            layer = ref.get_submodule(name)
-            layer.lora_A["default"].weight.copy_(down)
-            layer.lora_B["default"].weight.copy_(up)
-    ref.save_lora_adapter(tmp / "peft")  # diffusers' own writer: bare names, LoraConfig metadata
-    ref.set_adapters(["default"], weights=[STRENGTH])
+    peft = peft_inject_(ref, lora, RANK, ALPHA, STRENGTH, tmp / "peft")
     expected = run_diffusers(ref, x, t, caps)
     return dict(
         tmp=tmp,
@@ -72,7 +63,7 @@ def setup(tmp_path_factory):
         lora=lora,
         base=base,
         expected=expected,
-        peft=tmp / "peft" / "pytorch_lora_weights.safetensors",
+        peft=peft,
     )
 
 

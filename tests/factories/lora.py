@@ -83,6 +83,22 @@ def merge_into_state_dict(sd: dict[str, torch.Tensor], lora, scale: float) -> di
     return out
 
 
+def peft_inject_(model, lora, rank: int, alpha: float, strength: float, save_dir: Path) -> Path:
+    """The reference: ``lora``'s pairs injected into a diffusers ``model`` by PEFT (active at
+    ``strength``), and the adapter saved by diffusers' own writer; returns the written file."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(lora)), adapter_name="default")
+    with torch.no_grad():
+        for name, (down, up) in lora.items():
+            layer = model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(down)
+            layer.lora_B["default"].weight.copy_(up)
+    model.save_lora_adapter(save_dir)  # bare names, the LoraConfig as lora_adapter_metadata
+    model.set_adapters(["default"], weights=[strength])
+    return Path(save_dir) / "pytorch_lora_weights.safetensors"
+
+
 def fuse_qkv_lora(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     """Split q/k/v pairs as one fused LoRA of rank 3r (kohya ``split_qkv``): cat downs, block-diagonal up."""
     down = torch.cat([q[0], k[0], v[0]])  # [3r, in]
