@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pascaline.lora.keys import LoraEntry
@@ -79,18 +78,19 @@ class LoraBranch(nn.Module):
             self.strengths.setdefault(lora, 1.0)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        # x: [..., in]; out: [..., out] the base layer's output, added to in place
+        # x: [..., in]; out: [..., out] the base layer's output, added to in place (its backward
+        # does not read it); addmm_ writes each piece's rows without a temporary of the output
+        out = out if out.is_contiguous() else out.contiguous()
+        x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])  # [T, in], [T, out]
         for group in self.groups:
             strength = self.strengths[group.lora]
             if strength == 0.0:
                 continue
-            h = F.linear(x, self._buffers[group.down].to(x.dtype))  # [..., sum r]
+            h = (x2 @ self._buffers[group.down].to(x.dtype).t()).to(out.dtype)  # [T, sum r]
             for p in group.pieces:
-                up = self._buffers[p.up].to(x.dtype)
-                delta = F.linear(h[..., p.ranks[0] : p.ranks[1]] * (strength * p.scale), up)  # [..., rows]
-                # in place: the base layer's output is fresh, and its backward does not read it
-                target = out if p.rows is None else out[..., p.rows[0] : p.rows[1]]
-                target.add_(delta)
+                up = self._buffers[p.up].to(out.dtype)  # [rows, r]
+                rows = o2 if p.rows is None else o2[:, p.rows[0] : p.rows[1]]
+                rows.addmm_(h[:, p.ranks[0] : p.ranks[1]], up.t(), alpha=strength * p.scale)
         return out
 
     def extra_repr(self) -> str:
