@@ -13,6 +13,11 @@ OneTrainer and LyCORIS train the diffusers names of §5.3, mapped here:
   ``AdaLayerNormContinuous``, whose rows are (scale, shift) where the checkpoint has
   (shift, scale): their delta rows are swapped (``swap_scale_shift``).
 
+A kohya ``split_qkv`` LoRA is stored fused (down = cat of the three downs, up block-diagonal,
+rank 3r, alpha unchanged); its scale is alpha / 3r, as kohya's own loader and ComfyUI read it
+(sd3-family.md §7.1: such files apply at a third of the training strength unless their alpha
+was chosen for that; pascaline matches the tools users compare with).
+
 The map is a function of the model's module names and shapes only, so it serves any
 module tree with the original names (the MMDiT, or a test's stand-in).
 """

@@ -105,7 +105,8 @@ def apply_loras_(
     ``key_map`` is the family's ``LoraTargets`` or the function that builds it from
     ``weight_shapes(model)`` (``zimage_lora_targets``, ``sd3_lora_targets``). ``dtype`` is the
     storage dtype of branch tensors (None: the file's). Every LoRA is resolved before the
-    model is touched, so a bad file changes nothing. Returns the model's ``LoraState``.
+    model is touched, so a bad file changes nothing. A module keeps the way (merged or
+    branch) it was first adapted with. Returns the model's ``LoraState``.
     """
     if mode not in MODES:
         raise InvalidArgumentError(f"LoRA mode {mode!r} is unknown; use one of {', '.join(MODES)}.")
