@@ -44,6 +44,10 @@ class StateDictError(WeightsError):
     """Strict loading found missing or unexpected keys, or wrong shapes."""
 
 
+class LoraError(WeightsError):
+    """A LoRA file cannot be applied: malformed, of an unsupported kind, or for another model."""
+
+
 class TokenizerNotFoundError(PascalineError):
     """No tokenizer could be found offline."""
 

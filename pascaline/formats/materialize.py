@@ -83,22 +83,35 @@ def load_state_(
 
 
 def load_with_scheme_(model: nn.Module, source, tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], *,
-                      quant, dtype: torch.dtype | None, device: torch.device | str = "cpu") -> nn.Module:
+                      quant, dtype: torch.dtype | None, device: torch.device | str = "cpu", loras=(),
+                      lora_targets=None) -> nn.Module:
     """The end of every weights loader: quantize ``model`` (built on meta) under ``quant`` or the scheme
     the file's metadata records, stream ``tensors()`` in strictly from the open ``source`` (a
     ``WeightSource``, closed afterwards), and return the model in eval mode without gradients.
 
     Quantized storage (``qweight``/``scale``, converted from float or read pre-quantized) keeps its
-    dtype; every other float tensor is cast to ``dtype``.
+    dtype; every other float tensor is cast to ``dtype``. ``loras`` (``[(LoraFile, strength)]``)
+    are merged into the float weights as they stream in, before any cast or quantization (one
+    rounding), through the family's key map ``lora_targets(weight_shapes)``; they are fixed for the
+    model's lifetime (``pascaline.lora.apply_loras_`` on a loaded model makes removable ones).
     """
     from pascaline.quant import keep_dtype_keys, quantize_
     from pascaline.quant.schemes import resolve_scheme
 
     scheme = resolve_scheme(quant, source.metadata, str(source.path))
+    stream = tensors
+    if loras:
+        from pascaline.lora import merged_tensors, weight_shapes
+
+        targets = lora_targets(weight_shapes(model))  # before quantize_: the float layers' shapes
+
+        def stream():
+            return merged_tensors(tensors(), loras, targets)
+
     if scheme is not None:
         quantize_(model, scheme)
     with source:
-        load_state_(model, tensors(), dtype=dtype, device=device, source=str(source.path),
+        load_state_(model, stream(), dtype=dtype, device=device, source=str(source.path),
                     keep_dtype=keep_dtype_keys(model))
     return model.requires_grad_(False).eval()
 

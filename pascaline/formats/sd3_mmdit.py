@@ -42,6 +42,7 @@ from pascaline.formats.recipes import (
     scaled_recipe,
 )
 from pascaline.formats.safetensors_io import WeightSource
+from pascaline.formats.sd3_lora import sd3_lora_targets
 from pascaline.formats.zimage_dit import open_dit_source
 from pascaline.models.mmdit import VARIANTS, MMDiT, MMDiTConfig
 
@@ -246,14 +247,16 @@ def _resolve_config(config, shapes) -> MMDiTConfig:
 
 
 def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               config: MMDiTConfig | str | None = None, quant=None) -> MMDiT:
+               config: MMDiTConfig | str | None = None, quant=None, loras=()) -> MMDiT:
     """Load an SD3/SD3.5 MMDiT from an original/ComfyUI file, a diffusers ``transformer/`` folder,
     a snapshot root or a lone diffusers-named file.
 
     The model is built on ``meta`` and filled one tensor at a time from the memory-mapped
     file, cast to ``dtype`` (or quantized when ``quant`` or the file's metadata names a
     scheme) and placed on ``device``. ``config`` (an MMDiTConfig or a name in ``VARIANTS``)
-    overrides the config inferred from the shapes. Returns the model in eval mode, no grad.
+    overrides the config inferred from the shapes. ``loras`` (``[(LoraFile, strength)]``) are
+    merged into the float weights as they stream in (``materialize.load_with_scheme_``).
+    Returns the model in eval mode, no grad.
     """
     source = open_mmdit_source(path)
     shapes = source.shapes()
@@ -265,7 +268,7 @@ def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
     with torch.device("meta"):
         model = MMDiT(cfg)
     return load_with_scheme_(model, source, lambda: iter_mmdit_tensors(source), quant=quant, dtype=dtype,
-                             device=device)
+                             device=device, loras=loras, lora_targets=sd3_lora_targets)
 
 
 def open_mmdit_for_quantize(path: str | Path):

@@ -35,6 +35,7 @@ from pascaline.formats.recipes import (
     scaled_recipe,
 )
 from pascaline.formats.safetensors_io import WeightSource
+from pascaline.formats.zimage_lora import zimage_lora_targets
 from pascaline.gguf.reader import is_gguf_file
 from pascaline.models.zimage_dit import VARIANTS, ZImageDiT, ZImageDiTConfig
 
@@ -194,14 +195,17 @@ def resolve_dit_config(config: ZImageDiTConfig | str | None, shapes: Mapping[str
 
 
 def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-             config: ZImageDiTConfig | str | None = None, quant=None) -> ZImageDiT:
+             config: ZImageDiTConfig | str | None = None, quant=None, loras=()) -> ZImageDiT:
     """Load a Z-Image DiT from a ComfyUI file, a diffusers ``transformer/`` folder, a snapshot root or a GGUF.
 
     The model is built on ``meta`` and filled one tensor at a time from the memory-mapped
     file, cast to ``dtype`` (or quantized when ``quant`` or the file's metadata names a
     scheme) and placed on ``device``; the full-precision model never exists twice.
     ``config`` (a ZImageDiTConfig or a name in ``VARIANTS``) overrides the config inferred
-    from the shapes. Returns the model in eval mode without gradients.
+    from the shapes. ``loras`` (``[(LoraFile, strength)]``) are merged into the float weights
+    as they stream in, before any cast or quantization: fixed for the model's lifetime (use
+    ``pascaline.lora.apply_loras_`` on the loaded model for removable ones). Returns the model
+    in eval mode without gradients.
     """
     if is_gguf_file(path):  # by its magic bytes
         from pascaline.gguf.loaders import load_gguf_dit
@@ -217,7 +221,7 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     with torch.device("meta"):
         model = ZImageDiT(cfg)
     return load_with_scheme_(model, source, lambda: iter_dit_tensors(source), quant=quant, dtype=dtype,
-                             device=device)
+                             device=device, loras=loras, lora_targets=zimage_lora_targets)
 
 
 def quantize_source(path: str | Path):
