@@ -42,6 +42,32 @@ def _check_fraction(name: str, value) -> None:
         raise InvalidArgumentError(f"{name} must be a number from 0 to 1, not {value!r}.")
 
 
+def normalize_loras(loras) -> tuple[tuple[str, float], ...]:
+    """``[(path, strength)]`` or ``["path:strength"]`` (no strength: 1) as a tuple of (path, float)
+    pairs; a missing file or a strength that is no finite number is one sentence."""
+    from pascaline.lora.files import parse_lora_spec
+
+    if loras is None:
+        return ()
+    if isinstance(loras, (str, Path)) or not isinstance(loras, (list, tuple)):
+        raise InvalidArgumentError(f"loras must be a list of LoRA files (with strengths), not {loras!r}.")
+    out = []
+    for item in loras:
+        if isinstance(item, (str, Path)):
+            path, strength = parse_lora_spec(str(item))
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (str, Path)):
+            path, strength = Path(item[0]).expanduser(), item[1]
+        else:
+            raise InvalidArgumentError(f"a LoRA is a file and a strength, such as style.safetensors:0.8, not "
+                                       f"{item!r}.")
+        if not number(strength):
+            raise InvalidArgumentError(f"LoRA strength {strength!r} of {path} is not a finite number.")
+        if not Path(path).is_file():
+            raise InvalidArgumentError(f"LoRA file {path} does not exist; check the path.")
+        out.append((str(path), float(strength)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class GenerateOptions:
     """Every setting of one image; validated on construction (one sentence per mistake).
@@ -55,7 +81,9 @@ class GenerateOptions:
     blocks skipped, the scale, and the window as fractions of the timestep range). ``rounding``
     is the 8-bit rule of a PIL image: ``"comfyui"`` (ComfyUI's pixels) or ``"round"`` (diffusers').
     ``enhance`` expands the prompt with the family's language model first (Z-Image's Qwen3-4B),
-    greedily, or by seeded sampling with ``enhance_seed``.
+    greedily, or by seeded sampling with ``enhance_seed``. ``loras``: LoRAs for this image only,
+    ``[(path, strength)]`` or ``["path:strength"]`` (run as low-rank branches beside the weights,
+    so they change between images without reloading; ``load_pipeline(loras=...)`` merges fixed ones).
     """
 
     prompt: str
@@ -80,6 +108,7 @@ class GenerateOptions:
     rounding: str = "comfyui"
     enhance: bool = False
     enhance_seed: int | None = None
+    loras: tuple = ()
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
@@ -107,6 +136,7 @@ class GenerateOptions:
                 f"output {self.output!r} is unknown; choose one of {', '.join(OUTPUTS)}."
             )
         self._check_guidance()
+        object.__setattr__(self, "loras", normalize_loras(self.loras))
         if not isinstance(self.enhance, bool):
             raise InvalidArgumentError(f"enhance must be true or false, not {self.enhance!r}.")
         seed = self.enhance_seed
