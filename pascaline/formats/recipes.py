@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pascaline.errors import WeightsError, WrongModelError
+from pascaline.errors import ConfigError, WeightsError, WrongModelError
 
 # ComfyUI's per-weight fp8 scales, old and new spelling
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -87,3 +87,16 @@ def convert(sd: Mapping[str, torch.Tensor], plan: Mapping[str, Recipe]) -> dict[
 def convert_shapes(shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, Recipe]) -> dict[str, tuple]:
     """``{key: shape}`` through a plan: canonical names and the shapes ``combine`` would give."""
     return {k: combine_shape(r, [tuple(shapes[s]) for s in r.sources]) for k, r in plan.items()}
+
+
+def block_count(ids: set[int], what: str) -> int:
+    """How many numbered blocks ``what.0 .. what.N-1`` a file holds, from the numbers in its
+    key names; numbers with gaps (``layers.999999999`` in a small file) are a ConfigError,
+    never a model built with a billion layers."""
+    if ids != set(range(len(ids))):
+        shown = ", ".join(str(i) for i in sorted(ids)[:4])
+        raise ConfigError(
+            f"the {what} blocks are numbered {shown}{', ...' if len(ids) > 4 else ''} instead of 0 to "
+            f"{len(ids) - 1}; the file is damaged or incomplete."
+        )
+    return len(ids)
