@@ -95,3 +95,17 @@ def test_tensors_viewing_the_file_mapping_are_copied_as_they_load(tmp_path):
     assert not any(_borrowed(t) for t in state.values())
     assert torch.equal(state["0.weight"], torch.ones(2, 3))
     assert torch.equal(state["h.half_w"], torch.full((2, 3), 2.0))
+
+
+def test_a_prequantized_file_loads_into_memory_of_its_own(dit_bf16, tmp_path):
+    # int8 codes and their scales keep the file's dtype: without the copy they would stay views of
+    # the mapping, the "load" would read nothing and the first step would read the file instead
+    from pascaline.formats.materialize import _borrowed
+    from pascaline.formats.zimage_dit import load_dit
+    from pascaline.quant import quantize_file
+
+    path = quantize_file(dit_bf16, tmp_path / "dit_int8.safetensors", "int8").path
+    model = load_dit(path, dtype=torch.bfloat16)
+    state = model.state_dict()
+    assert any(t.dtype == torch.int8 for t in state.values())
+    assert not [k for k, t in state.items() if _borrowed(t)]
