@@ -34,7 +34,7 @@ from pascaline.runtime import sampling
 from pascaline.runtime.device import DeviceCaps, format_bytes
 from pascaline.runtime.discovery import ModelFiles, find_model_files
 from pascaline.runtime.memory import dit_activation_bytes, encoder_activation_bytes, plan_dit, token_counts
-from pascaline.runtime.sizing import validate_size
+from pascaline.runtime.sizing import validate_sampling, validate_size
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total): "load", "encode", "steps", "decode"
 OUTPUTS = ("pil", "tensor", "latent")
@@ -84,6 +84,7 @@ class GenerateOptions:
     def __post_init__(self):
         if not isinstance(self.prompt, str):
             raise InvalidArgumentError(f"the prompt must be text, not {type(self.prompt).__name__}.")
+        validate_sampling(self.steps, self.cfg, self.denoise)  # the limits of runtime/sizing.py
         validate_size(self.width, self.height)
         if not _whole(self.steps) or self.steps < 1:
             raise InvalidArgumentError(f"steps must be a whole number of at least 1, not {self.steps!r}.")
@@ -447,7 +448,9 @@ class Pipeline:
         quant = self._schemes[largest]
         what = quant or str(self.dtypes[_DTYPE_KEYS[largest]]).removeprefix("torch.")
         held = "the models kept together" if self.keep_loaded else f"the {_COMPONENT_NAMES[largest]} ({what})"
-        hint = "" if quant else "; use --quant w8a8 (or int8) to need half or less"
+        quantized = sum(estimated_host_bytes(getattr(self.files, c), self.dtypes[_DTYPE_KEYS[c]], c != "vae")
+                        for c in (needs if self.keep_loaded else [largest]))  # the VAE is never quantized
+        hint = f"; with --quant w8a8 that is about {format_bytes(quantized)}" if quantized < need else ""
         raise HostMemoryError(
             f"{held} would need about {format_bytes(need)} of RAM but only {format_bytes(available)} is "
             f"available; close other programs{hint}."

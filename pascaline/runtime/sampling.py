@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from pascaline.errors import InvalidArgumentError
+from pascaline.runtime.sizing import MAX_SCHEDULE_STEPS, MAX_STEPS, validate_denoise, validate_steps
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 Predict = Callable[[Tensor, Tensor], Tensor]
@@ -55,9 +56,8 @@ def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def _validate_schedule(steps: int, shift: float, scheduler: str) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidArgumentError(f"steps must be a whole number of at least 1, not {steps!r}.")
+def _validate_schedule(steps: int, shift: float, scheduler: str, limit: int = MAX_STEPS) -> None:
+    validate_steps(steps, limit)
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise InvalidArgumentError(f"shift must be a positive number, not {shift!r}.")
     if scheduler not in SCHEDULERS:
@@ -72,7 +72,7 @@ def sigma_schedule(steps: int, shift: float = 3.0, *, scheduler: str = "linear")
     then 0. Both are equal whenever N divides 1000 (8 steps included); elsewhere they differ by
     the truncation of ``x·1000/N`` (below 1e-3 in σ).
     """
-    _validate_schedule(steps, shift, scheduler)
+    _validate_schedule(steps, shift, scheduler, MAX_SCHEDULE_STEPS)  # img2img's long schedules too
     if scheduler == "linear":
         base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
         return shift_sigmas(base, shift).to(torch.float32)
@@ -83,8 +83,7 @@ def sigma_schedule(steps: int, shift: float = 3.0, *, scheduler: str = "linear")
 
 def img2img_schedule(steps: int, denoise: float, shift: float = 3.0, *, scheduler: str = "linear") -> Tensor:
     """ComfyUI's partial schedule: the last ``steps + 1`` sigmas of an ``int(steps/denoise)``-step run."""
-    if not (isinstance(denoise, (int, float)) and 0 < denoise <= 1):
-        raise InvalidArgumentError(f"denoise must be in (0, 1], not {denoise!r}.")
+    validate_denoise(denoise)
     _validate_schedule(steps, shift, scheduler)
     if denoise > 0.9999:  # ComfyUI's own cut-off for "full denoise"
         return sigma_schedule(steps, shift, scheduler=scheduler)
