@@ -9,16 +9,16 @@ file whose metadata records the format version, model kind and scheme::
 
     {"pascaline": '{"format_version": 1, "model": "zimage-dit", "scheme": {"name": "int8"}}'}
 
-It is written under a temporary name in the destination folder and renamed, so a failure
-leaves no file behind. The header is sized from the meta model before any data is
-written, so peak memory is one tensor, not the quantized model.
+It is written under a temporary name in the destination folder and renamed
+(``atomic.atomic_file``), so a failure leaves no file behind and a replaced file intact.
+The header is sized from the meta model before any data is written, so peak memory is
+one tensor, not the quantized model.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pascaline.atomic import atomic_file
 from pascaline.errors import InvalidArgumentError, MissingFileError, StateDictError, WrongModelError
 from pascaline.formats.detect import describe, guess_kind
 from pascaline.formats.safetensors_io import DTYPES, WeightSource
 from pascaline.quant.api import quantize_
-from pascaline.quant.schemes import OWN_SCHEMES, file_metadata, read_file_metadata, scheme_from_name
+from pascaline.quant.schemes import OWN_SCHEMES, file_metadata, scheme_from_metadata, scheme_from_name
 
 _TAGS = {dtype: tag for tag, dtype in DTYPES.items()}
 _LONGEST_TAG = max(_TAGS.values(), key=len)
@@ -101,10 +102,10 @@ def _kind_of(path: Path) -> str:
     # a diffusers snapshot root stands for its DiT, then its text encoder
     folder = next((path / s for s in ("transformer", "text_encoder") if (path / s).is_dir()), path)
     probe = WeightSource(folder)
-    record = read_file_metadata(probe.metadata)
-    if record is not None and record.get("scheme") is not None:
-        raise InvalidArgumentError(f"{path} is already quantized ({record['scheme']}); quantize the "
-                                   "original bf16 or fp32 file instead.")
+    stored = scheme_from_metadata(probe.metadata)
+    if stored is not None:
+        raise InvalidArgumentError(f"{path} is already quantized ({stored.name}); quantize the original "
+                                   "bf16 or fp32 file instead.")
     shapes = probe.shapes()
     kind = guess_kind(shapes)
     if kind not in _FAMILIES:
@@ -208,14 +209,8 @@ def quantize_file(src, dst, scheme, progress: Progress | None = None) -> Quantiz
     dst = _target(src, dst)
     kind = _kind_of(src)
     source, model, tensors = _FAMILIES[kind](src)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
     with source:
         quantize_(model, scheme)
-        try:
-            with tmp.open("wb") as f:
-                count = _write_stream(f, model, tensors(), file_metadata(kind, scheme), src, progress)
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(dst) as f:  # a full disk or a Ctrl-C leaves the previous dst, if any, as it was
+            count = _write_stream(f, model, tensors(), file_metadata(kind, scheme), src, progress)
     return QuantizeResult(dst, kind, scheme.name, count, source.nbytes, dst.stat().st_size)
