@@ -488,8 +488,9 @@ def _version() -> str:
     return f"pascaline {pascaline.__version__}"
 
 
-def _line(text: str) -> str:
-    return " ".join(str(text).split("\n"))
+def _line(text) -> str:
+    """``text`` as one line: what a message quotes (a path, a library's reason) may hold newlines."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -18,13 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 
 from pascaline.cli import main
 from pascaline.quant import quantize_file
+from tests.factories.images import claimed_png
 from tests.factories.pipeline import shared_models
 
 PROMPT = "a lighthouse at dusk"
@@ -75,18 +75,6 @@ def _layer_gap(header):
         header[key.replace(".layers.1.", ".layers.999999999.")] = header.pop(key)
 
 
-def _png(path: Path, width: int, height: int) -> Path:
-    """A PNG whose header claims ``width`` x ``height`` (its pixel data is a few bytes)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
-    return path
-
-
 @pytest.fixture(scope="module")
 def bad(models, tmp_path_factory):
     """Every lying file and folder the table names, built once."""
@@ -108,10 +96,10 @@ def bad(models, tmp_path_factory):
     tok_json = tokenizer / "tokenizer.json"
     tok_json.write_bytes(tok_json.read_bytes()[:5000])  # an interrupted copy
     files["tokenizer"] = tokenizer
-    files["png_400mp"] = _png(root / "huge.png", 20000, 20000)
-    files["png_10gp"] = _png(root / "bomb.png", 100000, 100000)
-    files["png_85mp"] = _png(root / "big.png", 10000, 8500)
-    files["png_small"] = _png(root / "small.png", 8, 8)
+    files["png_400mp"] = claimed_png(root / "huge.png", 20000, 20000)
+    files["png_10gp"] = claimed_png(root / "bomb.png", 100000, 100000)
+    files["png_85mp"] = claimed_png(root / "big.png", 10000, 8500)
+    files["png_small"] = claimed_png(root / "small.png", 8, 8)
     files["quantized"] = quantize_file(dit, root / "dit_int8.safetensors", "int8").path
     return files
 
@@ -299,7 +287,27 @@ def test_a_write_the_kernel_refuses_leaves_the_previous_file(models, tmp_path):
 
 
 def test_a_reader_that_goes_away_ends_quietly():
+    # (argparse's own --help and --version swallow a broken pipe themselves and exit 0)
     process = subprocess.Popen(_command("info"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()  # `pascaline info | true`: the reader is gone before the first line
     assert process.wait(120) == 141
     assert process.stderr.read() == b""
+
+
+def test_warnings_are_one_line_each(monkeypatch, capsys):
+    import warnings
+
+    import pascaline.cli as cli
+    from pascaline.errors import PascalineWarning
+
+    def warns(args):
+        message = "the tokenizer cache /c is damaged; rebuilding it (a few seconds)."
+        warnings.warn(message, PascalineWarning, stacklevel=1)
+        warnings.warn("a library's own\nwarning", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_info", warns)
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "pascaline: warning: the tokenizer cache /c is damaged; rebuilding it (a few seconds)."
+    assert len(lines) == 2 and lines[1].endswith("UserWarning: a library's own warning")

@@ -19,6 +19,7 @@ from pascaline.runtime.images import (
     save_png,
     short_hash,
 )
+from tests.factories.images import claimed_png
 
 
 @pytest.fixture
@@ -183,20 +184,6 @@ def test_load_init_image(tmp_path):
 # --- hardening: pixel limits, damaged files, full disks ------------------------------------------
 
 
-def _claimed_png(path, width, height):
-    """A PNG whose header claims ``width`` x ``height``; its data is a few bytes."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))  # fmt: skip
-    return path
-
-
 @pytest.mark.parametrize(("width", "height", "says"), [
     (10000, 8500, "is 10000x8500, 85 megapixels (the limit is 80 megapixels; scale it down first)"),
     (12000, 10000, "is too large (the limit is 80 megapixels"),  # where Pillow only warns
@@ -207,7 +194,7 @@ def test_init_images_above_the_pixel_limit_are_refused_from_the_header(tmp_path,
 
     from pascaline.runtime.images import check_init_image
 
-    path = _claimed_png(tmp_path / "big.png", width, height)
+    path = claimed_png(tmp_path / "big.png", width, height)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not even Pillow's DecompressionBombWarning gets out
         for read in (lambda: check_init_image(path), lambda: load_init_image(path, 64, 64),

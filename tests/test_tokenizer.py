@@ -201,19 +201,33 @@ def _cache_with(tmp_path_factory, tmp_path) -> tuple[Path, Path]:
     return entry.parent, entry
 
 
-@pytest.mark.parametrize("damage", ["truncate", "edit", "manifest", "missing"])
+def _damage(entry: Path, how: str) -> None:
+    target = entry / "tokenizer.json"
+    if how == "truncate":  # an interrupted copy
+        target.write_bytes(target.read_bytes()[:4096])
+    elif how == "edit":  # still valid JSON, but not what was written
+        target.write_text(target.read_text().replace('"<|im_end|>"', '"<|im_fin|>"', 1))
+    elif how == "manifest":
+        (entry / tokmod._MANIFEST).write_text("{")
+    elif how == "extra":  # a file nobody wrote
+        (entry / "stray.json").write_text("{}")
+    else:
+        target.unlink()
+
+
+def test_every_kind_of_damage_is_seen_before_the_entry_is_read(tok, tmp_path_factory, tmp_path, monkeypatch):
+    monkeypatch.setattr(tokmod, "_try_folder", lambda folder: pytest.fail("a damaged entry was read"))
+    for i, how in enumerate(["truncate", "edit", "manifest", "extra", "missing"]):
+        _, entry = _cache_with(tmp_path_factory, tmp_path / str(i))
+        _damage(entry, how)
+        assert tokmod._from_cache(entry) is None, how
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
 def test_a_damaged_cache_entry_is_rebuilt_with_one_warning(tok, tmp_path_factory, tmp_path, monkeypatch,
                                                             damage):
     cache, entry = _cache_with(tmp_path_factory, tmp_path)
-    target = entry / "tokenizer.json"
-    if damage == "truncate":
-        target.write_bytes(target.read_bytes()[: 4096])
-    elif damage == "edit":  # still valid JSON, but not what was written
-        target.write_text(target.read_text().replace('"<|im_end|>"', '"<|im_fin|>"', 1))
-    elif damage == "manifest":
-        (entry / tokmod._MANIFEST).write_text("{")
-    else:
-        target.unlink()
+    _damage(entry, damage)
     builds = []
     monkeypatch.setattr(tokmod, "build_from_tiktoken", lambda vocab: builds.append(vocab) or tok)
     with pytest.warns(PascalineWarning) as caught:

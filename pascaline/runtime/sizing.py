@@ -54,28 +54,24 @@ def validate_whole(name: str, value, low: int, high: int) -> int:
     return value
 
 
+def _how_many(name: str, value, limit: int, over: str) -> int:
+    """A whole number from 1 to ``limit``; ``over`` ends the sentence for a value above it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{name} must be a whole number of at least 1, not {_show(value)}.")
+    if value > limit:
+        raise InvalidArgumentError(f"{name} {_show(value)} is more than the limit of {limit:,}{over}.")
+    return value
+
+
 def validate_steps(steps, limit: int = MAX_STEPS) -> int:
     """Sampler steps: a whole number from 1 to ``limit`` (``MAX_STEPS``; the sampler's own
     schedules of an img2img run go up to ``MAX_SCHEDULE_STEPS``)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidArgumentError(f"steps must be a whole number of at least 1, not {_show(steps)}.")
-    if steps > limit:
-        raise InvalidArgumentError(
-            f"steps {_show(steps)} is more than the limit of {limit:,}; real runs take 4 to 100."
-        )
-    return steps
+    return _how_many("steps", steps, limit, "; real runs take 4 to 100")
 
 
 def validate_count(count) -> int:
     """Images per command: a whole number from 1 to ``MAX_COUNT``."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise InvalidArgumentError(f"count must be a whole number of at least 1, not {_show(count)}.")
-    if count > MAX_COUNT:
-        raise InvalidArgumentError(
-            f"count {_show(count)} is more than the limit of {MAX_COUNT:,} images per command; "
-            "run the command again for more."
-        )
-    return count
+    return _how_many("count", count, MAX_COUNT, " images per command; run the command again for more")
 
 
 def validate_cfg(cfg) -> float:
