@@ -185,6 +185,12 @@ def test_bench_numbers_are_bounded(case, capsys):
     assert message in _one_sentence(capsys)
 
 
+def test_quantize_refuses_an_int_tensor_for_a_float_weight(bad, tmp_path, capsys):
+    assert main(["quantize", str(bad["int_weight"]), "--out", str(tmp_path / "q.safetensors")]) == 2
+    assert "x_embedder.weight holds int32 where a float tensor belongs" in _one_sentence(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quantize_names_the_scheme_not_a_dict(bad, tmp_path, capsys):
     assert main(["quantize", str(bad["quantized"]), "--out", str(tmp_path / "q.safetensors")]) == 2
     err = _one_sentence(capsys)
@@ -232,7 +238,7 @@ def test_argv_bytes_that_are_not_utf8_are_one_sentence(models, tmp_path):
 def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(models, tmp_path):
     # -X importtime reports each import as it completes: the first interrupt lands as soon as
     # pascaline's entry module is in, i.e. during the imports of argparse, torch and the models
-    delays = (0.0, 0.4, 1.5)
+    delays = (0.0, 1.0)
     for delay in delays:
         out = tmp_path / f"d{delay}" / "x.png"
         out.parent.mkdir()

@@ -44,16 +44,20 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if _borrowed(t) else t
 
 
-def _wrong_dtype(key: str, tensor: torch.Tensor, expected: torch.Tensor, kept: bool) -> str | None:
-    """Why ``tensor`` cannot fill ``expected`` (None when its dtype fits): a float parameter
-    never takes integers; stored codes (an int8 or, kept as they are, fp8 ``qweight``) only
-    their own dtype."""
-    if expected.is_floating_point() and not tensor.is_floating_point():
-        return f"{key} holds {_dtype(tensor)} where a float tensor belongs"
-    codes = not expected.is_floating_point() or (kept and expected.dtype in _FLOAT8)
-    if codes and tensor.dtype != expected.dtype:
-        return f"{key} holds {_dtype(tensor)} where {_dtype(expected)} belongs"
-    return None
+def check_dtype(source: str, key: str, tensor: torch.Tensor, expected: torch.Tensor | None,
+                kept: bool = False) -> None:
+    """StateDictError naming ``key`` when ``tensor`` cannot fill ``expected`` (None: the float
+    ``weight`` a module quantizes on load): a float parameter never takes integers; stored
+    codes (an int8 or, kept as they are, fp8 ``qweight``) only their own dtype."""
+    wanted = "a float weight" if expected is None else "a float tensor"
+    if (expected is None or expected.is_floating_point()) and not tensor.is_floating_point():
+        problem = f"{key} holds {_dtype(tensor)} where {wanted} belongs"
+    elif expected is not None and (not expected.is_floating_point() or (kept and expected.dtype in _FLOAT8)) \
+            and tensor.dtype != expected.dtype:  # fmt: skip
+        problem = f"{key} holds {_dtype(tensor)} where {_dtype(expected)} belongs"
+    else:
+        return
+    raise StateDictError(f"{source}: {problem}; the file is damaged or of another model.")
 
 
 def _dtype(t: torch.Tensor) -> str:
@@ -93,9 +97,7 @@ def load_state_(
         owner, name = _owner(model, key)
         convert = getattr(owner, "state_from_float", None)
         if convert is not None and key not in expected and (tensor.is_floating_point() or name == "weight"):
-            if not tensor.is_floating_point():
-                raise StateDictError(f"{source}: {key} holds {_dtype(tensor)} where a float weight belongs; "
-                                     "the file is damaged or of another model.")
+            check_dtype(source, key, tensor, None)
             prefix = key[: len(key) - len(name)]
             produced = convert(name, tensor)
             state.update({prefix + k: _owned(v.to(device)) for k, v in produced.items()})
@@ -103,9 +105,7 @@ def load_state_(
         if key not in expected:
             unexpected.append(key)
             continue
-        wrong = _wrong_dtype(key, tensor, expected[key], key in keep)
-        if wrong is not None:
-            raise StateDictError(f"{source}: {wrong}; the file is damaged or of another model.")
+        check_dtype(source, key, tensor, expected[key], key in keep)
         state[key] = _owned(_cast(tensor, None if key in keep else dtype).to(device))
     missing = sorted(set(expected) - set(state))
     bad_shapes = [

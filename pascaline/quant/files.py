@@ -30,6 +30,7 @@ from torch import nn
 from pascaline.atomic import atomic_file
 from pascaline.errors import InvalidArgumentError, MissingFileError, StateDictError, WrongModelError
 from pascaline.formats.detect import describe, guess_kind
+from pascaline.formats.materialize import check_dtype
 from pascaline.formats.safetensors_io import DTYPES, WeightSource
 from pascaline.quant.api import quantize_
 from pascaline.quant.schemes import OWN_SCHEMES, file_metadata, scheme_from_metadata, scheme_from_name
@@ -129,8 +130,9 @@ def _reserve_header(expected: dict[str, torch.Tensor], metadata: dict[str, str])
     return -(-(len(_header_bytes(fake, metadata)) + 64) // 8) * 8
 
 
-def _quantized_stream(model: nn.Module, tensors: Tensors) -> Tensors:
-    """The source's canonical tensors with every float weight of a quantized module converted."""
+def _quantized_stream(model: nn.Module, tensors: Tensors, source: Path) -> Tensors:
+    """The source's canonical tensors with every float weight of a quantized module converted
+    (an integer tensor where a float one belongs is refused, as on load)."""
     expected = model.state_dict(keep_vars=True)
     for key, tensor in tensors:
         prefix, _, name = key.rpartition(".")
@@ -139,6 +141,10 @@ def _quantized_stream(model: nn.Module, tensors: Tensors) -> Tensors:
         except AttributeError:
             owner = None  # not in the model: reported as unexpected
         convert = getattr(owner, "state_from_float", None)
+        if key in expected:
+            check_dtype(str(source), key, tensor, expected[key])
+        elif convert is not None and name == "weight":
+            check_dtype(str(source), key, tensor, None)
         if convert is not None and key not in expected and tensor.is_floating_point():
             for sub, value in convert(name, tensor).items():
                 yield f"{prefix}.{sub}", value
@@ -163,7 +169,7 @@ def _write_stream(f, model: nn.Module, tensors: Tensors, metadata: dict[str, str
     f.seek(8 + reserved)
     entries: dict[str, dict] = {}
     offset = 0
-    for key, tensor in _quantized_stream(model, tensors):
+    for key, tensor in _quantized_stream(model, tensors, source):
         if key in entries:
             raise StateDictError(f"{source} holds {key} twice; the file is damaged.")
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
