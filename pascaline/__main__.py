@@ -1,5 +1,5 @@
 import sys
 
-from pascaline.cli import main
+from pascaline._entry import main
 
 sys.exit(main())

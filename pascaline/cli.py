@@ -8,9 +8,13 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+import warnings
+from contextlib import contextmanager
 
-from pascaline.errors import PascalineError
+from pascaline.errors import PascalineError, PascalineWarning
 
 # --- info ----------------------------------------------------------------------------------
 
@@ -311,27 +315,22 @@ class _ProgressBars:
         self.bars.clear()
 
 
-def _peak_rss(reports) -> int | None:
-    try:
-        import resource
-    except ImportError:  # Windows: the ledger's samples are all we have
-        peaks = [r.peak_rss_bytes for r in reports if r.peak_rss_bytes is not None]
-        return max(peaks) if peaks else None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _summary(reports, seconds: float) -> str:
+def _summary(reports, seconds: float, memory) -> str:
+    """The closing line; ``memory`` is the command's ``HostMemoryPeak``: RAM is the real
+    (anonymous) figure, RSS adds the pages of the weight files mapped while they were read."""
+    from pascaline.errors import plural
     from pascaline.runtime.device import format_bytes
 
     steps = sum(r.steps for r in reports)
     s_per_it = sum(r.sampling_seconds for r in reports) / max(steps, 1)
     vram = [r.peak_vram_bytes for r in reports if r.peak_vram_bytes is not None]
-    rss = _peak_rss(reports)
+    ram = "peak RAM n/a"
+    if memory.peak_rss_bytes:
+        ram = (f"peak RAM {format_bytes(memory.peak_real_bytes)} "
+               f"(RSS with mapped files {format_bytes(memory.peak_rss_bytes)})")  # fmt: skip
     return (
-        f"{len(reports)} image(s), {steps} steps: {s_per_it:.2f} s/it, total {seconds:.1f} s, "
-        f"peak VRAM {format_bytes(max(vram)) if vram else 'n/a (CPU)'}, "
-        f"peak RSS {format_bytes(rss) if rss else 'n/a'}"
+        f"{plural(len(reports), 'image')}, {plural(steps, 'step')}: {s_per_it:.2f} s/it, "
+        f"total {seconds:.1f} s, peak VRAM {format_bytes(max(vram)) if vram else 'n/a (CPU)'}, {ram}"
     )
 
 
@@ -347,14 +346,20 @@ def _slg_layers(text: str | None) -> tuple[int, ...] | None:
 
 
 def _options_from_args(args: argparse.Namespace):
+    from pascaline.formats.tokenizer import clean_prompt
+    from pascaline.runtime.images import check_init_image
     from pascaline.runtime.pipeline import GenerateOptions
     from pascaline.runtime.sizing import resolve_size
 
+    if args.init_image is not None:
+        check_init_image(args.init_image)
+    prompt = clean_prompt(args.prompt)
+    negative = None if args.negative is None else clean_prompt(args.negative, "the negative prompt")
     sized = any(v is not None for v in (args.width, args.height, args.aspect, args.megapixels))
     size = (args.width, args.height, args.aspect, args.megapixels)
     width, height = resolve_size(*size) if sized else (None, None)
     return GenerateOptions(
-        args.prompt, args.negative, width, height, args.steps, args.seed, args.sampler, args.scheduler,
+        prompt, negative, width, height, args.steps, args.seed, args.sampler, args.scheduler,
         args.shift, args.cfg, args.blind_start, args.init_image, args.denoise,
         negative_mode=args.negative_mode, slg_layers=_slg_layers(args.slg_layers), slg_scale=args.slg_scale,
         slg_start=args.slg_start, slg_end=args.slg_end, rounding=args.rounding, enhance=args.enhance,
@@ -365,6 +370,7 @@ def _options_from_args(args: argparse.Namespace):
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
+    from pascaline.offload.ledger import HostMemoryPeak
     from pascaline.runtime.images import output_paths, save_png
     from pascaline.runtime.pipeline import load_pipeline
 
@@ -376,6 +382,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     components = {k.removeprefix("component_"): v for k, v in vars(args).items()
                   if k.startswith("component_") and v is not None}  # fmt: skip
     bars = _ProgressBars()
+    memory = HostMemoryPeak(interval=0.02).__enter__()
     try:
         pipe = load_pipeline(
             args.models, model=args.model, dit=args.dit, components=components,
@@ -398,7 +405,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(f"{path}  seed {image_options.seed}  {options.width}x{options.height}", flush=True)
     finally:
         bars.close()
-    print(_summary(reports, time.perf_counter() - start))
+        memory.__exit__()
+    print(_summary(reports, time.perf_counter() - start, memory))
     return 0
 
 
@@ -488,17 +496,27 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+BENCH_MAX_DEPTH = 30  # the real DiT's main layers ('full' adds the 2 + 2 refiners)
+BENCH_MAX_ITERATIONS = 1000
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pascaline.bench.report import format_table, write_json
     from pascaline.bench.runner import BenchOptions, run_bench
     from pascaline.errors import InvalidArgumentError
     from pascaline.runtime.device import parse_bytes
+    from pascaline.runtime.sizing import MAX_SIDE, validate_whole
 
     depth = args.depth
     if depth is not None and depth != "full":
-        if not depth.isdigit():
-            raise InvalidArgumentError(f"--depth takes a number of layers or 'full', got {depth!r}.")
-        depth = int(depth)
+        if not depth.isdigit() or len(depth) > 4:
+            raise InvalidArgumentError(f"--depth takes a number of layers or 'full', got {depth[:20]!r}.")
+        depth = validate_whole("--depth", int(depth), 1, BENCH_MAX_DEPTH)
+    for name, value, low, high in (("--resolution", args.resolution, 64, MAX_SIDE),
+                                   ("--iterations", args.iterations, 1, BENCH_MAX_ITERATIONS),
+                                   ("--warmup", args.warmup, 0, BENCH_MAX_ITERATIONS)):  # fmt: skip
+        if value is not None:
+            validate_whole(name, value, low, high)
     strategies = tuple(s for s in (args.strategies or "").split(",") if s.strip()) or None
     options = BenchOptions(
         strategies=strategies, depth=depth, resolution=args.resolution, iterations=args.iterations,
@@ -598,8 +616,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in one line (sub-commands inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pascaline",
         description="Z-Image Turbo on 8 GB Pascal/Turing GPUs.",
     )
@@ -622,22 +647,65 @@ def _version() -> str:
     return f"pascaline {pascaline.__version__}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _line(text) -> str:
+    """``text`` as one line: what a message quotes (a path, a library's reason) may hold newlines."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line: ``pascaline: warning: ...`` for ours, Python's own form otherwise."""
+    if issubclass(category, PascalineWarning):
+        print(f"pascaline: warning: {_line(message)}", file=sys.stderr)
+    else:
+        print(_line(warnings.formatwarning(message, category, filename, lineno, "")), file=sys.stderr)
+
+
+@contextmanager
+def _interrupt_deferred():
+    """Ctrl-C held back while the block runs, then raised as usual (main thread only).
+
+    torch's import runs C++ that calls back into Python: a KeyboardInterrupt raised there is
+    cleared (torch's import of numpy: the Ctrl-C is lost and the run goes on) or ends the
+    process in ``std::terminate`` (its c10d init). Held back, it costs at most the import.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     try:
-        return int(args.func(args) or 0)
-    except PascalineError as exc:
-        print(f"pascaline: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the machine's, not ours: a full disk, a folder we may not write
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"pascaline: error: {exc.strerror or exc}{where}.", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pascaline: interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (2 for a user mistake, 130 for Ctrl-C)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # --help and usage errors stay fast: no torch import before here
+    with warnings.catch_warnings():  # restores the warnings machinery on the way out
+        warnings.showwarning = _show_warning
+        try:
+            with _interrupt_deferred():
+                import torch  # noqa: F401 - every command needs it; imported here, where Ctrl-C waits
+            return int(args.func(args) or 0)
+        except PascalineError as exc:
+            print(f"pascaline: error: {_line(exc)}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            raise  # the reader went away: the entry point ends quietly
+        except OSError as exc:  # the machine's, not ours: a full disk, a folder we may not write
+            where = f" ({exc.filename})" if exc.filename else ""
+            print(f"pascaline: error: {_line(exc.strerror or exc)}{where}.", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("pascaline: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pascaline._entry import main as entry
+
+    sys.exit(entry())

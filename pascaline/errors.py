@@ -32,6 +32,10 @@ class TruncatedFileError(WeightsError):
     """The file is shorter than its own header declares (an interrupted download)."""
 
 
+class CorruptFileError(WeightsError):
+    """The file's header contradicts itself or the file's size (a damaged or hand-edited file)."""
+
+
 class WrongModelError(WeightsError):
     """The file holds another model than the one asked for."""
 
@@ -70,3 +74,19 @@ class DeviceError(PascalineError):
 
 class RequestError(InvalidArgumentError):
     """A request (over HTTP or from a batch file) has an unknown field or a value of the wrong type."""
+
+
+class WriteError(PascalineError):
+    """A file could not be written (a full disk, a read-only folder); nothing half-written is left."""
+
+
+class PascalineWarning(UserWarning):
+    """Something the user should hear of that did not stop the run (a damaged cache rebuilt).
+
+    The CLI prints it as one line, ``pascaline: warning: <message>``.
+    """
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``plural(1, "step") -> "1 step"``, ``plural(8, "step") -> "8 steps"`` (``many`` for odd plurals)."""
+    return f"{count:,} {word if count == 1 else many or word + 's'}"

@@ -24,8 +24,8 @@ from tests.factories.pipeline import psnr, reference_image, reference_pipeline, 
 
 PROMPT = "a lighthouse at dusk, oil painting"
 SUMMARY = re.compile(
-    r"^(\d+) image\(s\), (\d+) steps: [\d.]+ s/it, total [\d.]+ s, peak VRAM (n/a \(CPU\)|[\d.]+ [KMG]iB), "
-    r"peak RSS [\d.]+ [KMG]iB$"
+    r"^(\d+) images?, (\d+) steps?: [\d.]+ s/it, total [\d.]+ s, peak VRAM (n/a \(CPU\)|[\d.]+ [KMG]iB), "
+    r"peak RAM [\d.]+ [KMG]iB \(RSS with mapped files [\d.]+ [KMG]iB\)$"
 )
 
 

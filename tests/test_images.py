@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from pascaline.runtime.images import (
     save_png,
     short_hash,
 )
+from tests.factories.images import claimed_png
 
 
 @pytest.fixture
@@ -177,3 +179,80 @@ def test_load_init_image(tmp_path):
     (tmp_path / "bad.png").write_text("nope")
     with pytest.raises(InvalidArgumentError, match="not an image file"):
         load_init_image(tmp_path / "bad.png", 16, 16)
+
+
+# --- hardening: pixel limits, damaged files, full disks ------------------------------------------
+
+
+@pytest.mark.parametrize(("width", "height", "says"), [
+    (10000, 8500, "is 10000x8500, 85 megapixels (the limit is 80 megapixels; scale it down first)"),
+    (12000, 10000, "is too large (the limit is 80 megapixels"),  # where Pillow only warns
+    (100000, 100000, "is too large (the limit is 80 megapixels"),  # where Pillow refuses: 10 gigapixels
+])  # fmt: skip
+def test_init_images_above_the_pixel_limit_are_refused_from_the_header(tmp_path, width, height, says):
+    import warnings
+
+    from pascaline.runtime.images import check_init_image
+
+    path = claimed_png(tmp_path / "big.png", width, height)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even Pillow's DecompressionBombWarning gets out
+        for read in (lambda: check_init_image(path), lambda: load_init_image(path, 64, 64),
+                     lambda: read_png_text(path)):  # fmt: skip
+            with pytest.raises(InvalidArgumentError, match=re.escape(says)):
+                read()
+
+
+def test_damaged_images_are_one_sentence(tmp_path):
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:60])
+    with pytest.raises(InvalidArgumentError, match=r"init image .*cut.png is damaged \(image file is trunc"):
+        load_init_image(tmp_path / "cut.png", 16, 16)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # a broken compressed stream (or CRC)
+    (tmp_path / "flip.png").write_bytes(bytes(flipped))
+    with pytest.raises(InvalidArgumentError, match=r"flip.png (is damaged|cannot be read)"):
+        load_init_image(tmp_path / "flip.png", 16, 16)
+    with pytest.raises(InvalidArgumentError, match="is a folder"):
+        load_init_image(tmp_path, 16, 16)
+
+
+def test_damaged_settings_chunk_is_one_sentence(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("pascaline", '{"prompt": "cut sh')
+    Image.new("RGB", (8, 8)).save(tmp_path / "bad.png", pnginfo=info)
+    with pytest.raises(InvalidArgumentError, match=r"the pascaline settings in .*bad.png are damaged"):
+        read_png_metadata(tmp_path / "bad.png")
+
+
+def test_full_disk_while_saving_keeps_the_previous_png(tmp_path):
+    import errno
+
+    from pascaline.errors import WriteError
+
+    class FullDisk:
+        def save(self, f, **kwargs):
+            f.write(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(target)
+    before = target.read_bytes()
+    with pytest.raises(WriteError, match=r"x.png: the disk holding .* is full; .*the previous file is unch"):
+        save_png(FullDisk(), target)
+    assert target.read_bytes() == before and list(tmp_path.iterdir()) == [target]
+
+
+def test_output_paths_limits_and_unwritable_names(tmp_path):
+    from pascaline.errors import WriteError
+    from pascaline.runtime.sizing import MAX_COUNT
+
+    assert len(output_paths(tmp_path / "o.png", MAX_COUNT)) == MAX_COUNT
+    with pytest.raises(InvalidArgumentError, match=f"more than the limit of {MAX_COUNT:,} images"):
+        output_paths(tmp_path / "o.png", 10**11)
+    with pytest.raises(WriteError, match="the name is too long"):
+        output_paths(tmp_path / ("a" * 260 + ".png"))
+    assert list(tmp_path.iterdir()) == []

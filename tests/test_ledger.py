@@ -1,9 +1,10 @@
 import gc
+import os
 
 import pytest
 import torch
 
-from pascaline.offload.ledger import LeakError, MemoryLedger
+from pascaline.offload.ledger import HostMemoryPeak, LeakError, MemoryLedger, host_memory
 
 
 def test_place_and_release_with_peaks():
@@ -114,3 +115,43 @@ def test_cuda_library_workspaces_are_not_leaks(monkeypatch):
         allocated["now"] += 200
     assert [r.freed for r in ledger.records] == [True, False]
     assert ledger.records[1].cuda_leaked_bytes == 200
+
+
+# --- host memory: real (anonymous) memory apart from the pages of mapped files ------------------
+
+linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
+
+
+@linux_only
+def test_reading_a_mapped_file_counts_as_mapped_not_real(tmp_path):
+    from safetensors.torch import save_file
+
+    from pascaline.formats.safetensors_io import WeightSource
+
+    save_file({"w": torch.ones(16 << 20, dtype=torch.uint8)}, str(tmp_path / "w.safetensors"))  # 16 MiB
+    before = host_memory()
+    with WeightSource(tmp_path / "w.safetensors") as source:
+        view = source.get("w")
+        assert int(view.sum()) == 16 << 20  # touches every page of the mapping
+        mapped = host_memory()
+        del view
+    assert mapped.mapped_bytes - before.mapped_bytes > 12 << 20  # RSS alone would call this used memory
+    assert mapped.real_bytes - before.real_bytes < 4 << 20
+    assert mapped.rss_bytes == mapped.real_bytes + mapped.mapped_bytes
+
+
+def test_peak_sampler_and_ledger_report_real_memory_first():
+    with HostMemoryPeak(interval=0.001) as peak:
+        block = torch.ones(32 << 20, dtype=torch.uint8)  # 32 MiB, touched
+        peak.sample()
+        del block
+    now = host_memory()
+    assert peak.peak_real_bytes >= (now.real_bytes if now else 0)
+    assert peak.peak_rss_bytes >= peak.peak_real_bytes
+    ledger = MemoryLedger()
+    with ledger.stage("s") as record:
+        inside = host_memory()
+        ledger.sample()
+    if inside is not None:  # the stage's figure is the real one: shared libraries alone are mapped pages
+        assert inside.real_bytes <= record.peak_rss_bytes < inside.rss_bytes
+        assert record.peak_mapped_bytes > 0

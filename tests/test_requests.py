@@ -90,29 +90,36 @@ def test_types_are_read_from_the_annotations():
 def test_load_level_fields_come_from_load_pipeline_and_make_the_pipeline_key(monkeypatch):
     from pascaline.runtime import pipeline
 
-    def load_pipeline(models=None, *, model: str | None = None, loras: list[str] | None = None, quant="auto"):
+    def load_pipeline(models=None, *, model: str | None = None, quant="auto"):
         raise AssertionError("never called here")
 
     monkeypatch.setattr(pipeline, "load_pipeline", load_pipeline)
     requests.load_fields.cache_clear()
     try:
         fields = request_fields()
-        assert [f.name for f in fields.values() if f.group == "load"] == ["model", "loras"]
-        job = parse_request(
-            {"prompt": "a", "model": "sd3.5-medium", "loras": ["b.safetensors", "a.safetensors"]}
-        )
-        assert job.load == {"model": "sd3.5-medium", "loras": ["b.safetensors", "a.safetensors"]}
-        assert job.pipeline_key == (("loras", ("b.safetensors", "a.safetensors")), ("model", "sd3.5-medium"))
-        assert (
-            parse_request({"prompt": "a", "model": None}).pipeline_key == ()
-        )  # the default: the server's own
-        with pytest.raises(RequestError, match="loras must be a list of text or null"):
-            parse_request({"prompt": "a", "loras": "a.safetensors"})
+        assert [f.name for f in fields.values() if f.group == "load"] == ["model"]
+        job = parse_request({"prompt": "a", "model": "sd3.5-medium"})
+        assert job.load == {"model": "sd3.5-medium"} and job.pipeline_key == (("model", "sd3.5-medium"),)
+        assert parse_request({"prompt": "a", "model": None}).pipeline_key == ()  # the server's own
     finally:
         monkeypatch.undo()
         requests.load_fields.cache_clear()
-    # today's load_pipeline takes a model (a variant name), not yet LoRAs
-    assert request_fields()["model"].group == "load" and "loras" not in request_fields()
+    assert request_fields()["model"].group == "load"
+
+
+def test_loras_are_per_image_and_live_in_the_lora_folder(tmp_path):
+    (tmp_path / "style.safetensors").write_bytes(b"x")
+    fields = request_fields()
+    assert fields["loras"].group == "generate"  # branches beside the weights: no pipeline reload
+    job = parse_request({"prompt": "a", "loras": ["style.safetensors:0.5"]}, lora_root=tmp_path)
+    assert job.options.loras == ((str(tmp_path / "style.safetensors"), 0.5),) and job.pipeline_key == ()
+    assert job.record["loras"] == ["style.safetensors:0.5"]  # the name, re-resolved when the job runs
+    for spec, message in [("/etc/passwd", "must be a file name inside"), ("../x.safetensors", "inside"),
+                          ("missing.safetensors:1", "has no LoRA 'missing.safetensors'")]:  # fmt: skip
+        with pytest.raises(RequestError, match=message):
+            parse_request({"prompt": "a", "loras": [spec]}, lora_root=tmp_path)
+    with pytest.raises(RequestError, match="loras must be a list of text or null"):
+        parse_request({"prompt": "a", "loras": "a.safetensors"}, lora_root=tmp_path)
 
 
 def test_init_image_is_base64_decoded_like_a_file(tmp_path):

@@ -250,7 +250,7 @@ def test_img2img_errors():
         sample(constant(0.0), noise, None, denoise=0.5)
     with pytest.raises(InvalidArgumentError, match="does not match"):
         sample(constant(0.0), noise, None, init_latent=torch.zeros(1, 16, 4, 4), denoise=0.5)
-    with pytest.raises(InvalidArgumentError, match=r"denoise must be in \(0, 1\]"):
+    with pytest.raises(InvalidArgumentError, match=r"denoise must be a number from 0.01 to 1"):
         sample(constant(0.0), noise, None, init_latent=noise, denoise=0.0)
 
 

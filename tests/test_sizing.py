@@ -2,12 +2,19 @@ import pytest
 
 from pascaline.errors import InvalidArgumentError
 from pascaline.runtime.sizing import (
+    MAX_COUNT,
+    MAX_SCHEDULE_STEPS,
+    MAX_STEPS,
     latent_size,
     parse_aspect,
     resolve_size,
     rounding_step,
     size_from_aspect,
+    validate_count,
+    validate_sampling,
     validate_size,
+    validate_steps,
+    validate_whole,
 )
 
 
@@ -64,7 +71,7 @@ def test_megapixels_errors():
     for bad in (0, -1.0, float("inf")):
         with pytest.raises(InvalidArgumentError, match="megapixels must be a positive number"):
             size_from_aspect("1:1", bad)
-    with pytest.raises(InvalidArgumentError, match="out of range"):
+    with pytest.raises(InvalidArgumentError, match=r"megapixels 40 is more than 16.8 \(4096x4096\)"):
         size_from_aspect("1:1", 40.0)
 
 
@@ -103,3 +110,63 @@ def test_resolve_size():
 
 def test_latent_size():
     assert latent_size(1216, 832) == (104, 152)
+
+
+# --- limits: far above real use, far below an allocation failure ---------------------------------
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("3:" + "9" * 400, "is not of the form W:H"),  # float() would give inf, then NaN sides
+    ("1000:1", "more elongated than 256:1"),
+    ("1:0." + "0" * 30 + "1", "more elongated than 256:1"),
+    ("0:0", "has a zero side"),
+])  # fmt: skip
+def test_aspects_that_explode_are_refused(text, says):
+    with pytest.raises(InvalidArgumentError, match=says):
+        size_from_aspect(text)
+
+
+def test_extreme_but_legal_aspects_and_megapixels_stay_finite():
+    assert size_from_aspect("256:1", 0.06) == (3920, 16)  # the most elongated: a 16 px side
+    assert size_from_aspect((1e200, 1e200), 1.0) == (1024, 1024)  # the product overflows, the ratio does not
+    assert size_from_aspect("1:1", 1e-300) == (16, 16)
+    for bad in (1e308, float("nan"), float("-inf"), True):
+        with pytest.raises(InvalidArgumentError, match="megapixels"):
+            size_from_aspect("1:1", bad)
+
+
+def test_step_count_and_number_limits():
+    assert validate_steps(MAX_STEPS) == MAX_STEPS
+    with pytest.raises(InvalidArgumentError, match=r"^steps 1000000000 is more than the limit of 1,000; "):
+        validate_steps(10**9)
+    with pytest.raises(InvalidArgumentError, match=r"steps 10{19}\.\.\. is more than"):
+        validate_steps(10**400)  # the message is not four hundred digits long
+    assert validate_steps(MAX_SCHEDULE_STEPS, MAX_SCHEDULE_STEPS) == 100_000
+    assert validate_count(MAX_COUNT) == MAX_COUNT
+    with pytest.raises(InvalidArgumentError, match="count must be a whole number of at least 1, not True"):
+        validate_count(True)
+    with pytest.raises(InvalidArgumentError, match=r"^--depth must be a whole number from 1 to 30, not 31"):
+        validate_whole("--depth", 31, 1, 30)
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    (dict(steps=10**9), "more than the limit"),
+    (dict(cfg=1e308), "cfg must be a number from 0 to 100"),
+    (dict(cfg=float("nan")), "cfg must be a number"),
+    (dict(denoise=1e-300), "denoise must be a number from 0.01 to 1"),
+    (dict(denoise=float("inf")), "denoise must be a number"),
+])  # fmt: skip
+def test_validate_sampling(kwargs, says):
+    validate_sampling(8, 1.0, 1.0)
+    with pytest.raises(InvalidArgumentError, match=says):
+        validate_sampling(**{"steps": 8, **kwargs})
+
+
+def test_the_sampler_refuses_what_would_allocate_gigabytes():
+    from pascaline.runtime.sampling import img2img_schedule, sigma_schedule
+
+    assert len(img2img_schedule(MAX_STEPS, 0.01)) == MAX_STEPS + 1  # the longest schedule: 100,000 sigmas
+    with pytest.raises(InvalidArgumentError, match="more than the limit"):
+        sigma_schedule(10**9)  # 8 GB of float64 sigmas before the fix
+    with pytest.raises(InvalidArgumentError, match="denoise must be a number from 0.01"):
+        img2img_schedule(8, 1e-300)  # int(8 / 1e-300): an 8e300-step schedule

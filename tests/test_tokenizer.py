@@ -3,14 +3,17 @@ from the same vocabulary, special ids are Qwen3's, and the lookup order is honou
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 
-from pascaline.errors import TokenizerNotFoundError
+from pascaline.errors import InvalidArgumentError, PascalineWarning, TokenizerNotFoundError
 from pascaline.formats import tokenizer as tokmod
-from pascaline.formats.tokenizer import QWEN3_ADDED_TOKENS, load_tokenizer
+from pascaline.formats.tokenizer import QWEN3_ADDED_TOKENS, clean_prompt, load_tokenizer
 
 TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 PROMPTS = [
@@ -89,7 +92,7 @@ def test_cached_after_first_build(tmp_path_factory, tok, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "pascaline-tokenizer-cache"
     folders = list(cache.glob("qwen3-*"))
     assert len(folders) == 1 and (folders[0] / "tokenizer.json").is_file()
-    assert not list(cache.glob(".build-*"))
+    assert not list(cache.glob(".*"))  # no temporary folder left
 
     def no_build(vocab):
         raise AssertionError("rebuilt although cached")
@@ -185,3 +188,101 @@ def test_non_qwen_tokenizer_is_refused(tmp_path):
     other.save(str(tmp_path / "gpt" / "tokenizer.json"))
     with pytest.raises(TokenizerNotFoundError, match="gpt is not a Qwen2/Qwen3 tokenizer"):
         load_tokenizer(tmp_path / "gpt")
+
+
+# --- hardening: a damaged or unwritable cache, a corrupt folder, text that cannot be encoded -------
+
+
+def _cache_with(tmp_path_factory, tmp_path) -> tuple[Path, Path]:
+    """A private cache holding a good entry (a copy of the session's, which `tok` built), and that entry."""
+    (source,) = (tmp_path_factory.getbasetemp() / "pascaline-tokenizer-cache").glob("qwen3-*")
+    entry = tmp_path / "cache" / source.name
+    shutil.copytree(source, entry)
+    return entry.parent, entry
+
+
+def _damage(entry: Path, how: str) -> None:
+    target = entry / "tokenizer.json"
+    if how == "truncate":  # an interrupted copy
+        target.write_bytes(target.read_bytes()[:4096])
+    elif how == "edit":  # still valid JSON, but not what was written
+        target.write_text(target.read_text().replace('"<|im_end|>"', '"<|im_fin|>"', 1))
+    elif how == "manifest":
+        (entry / tokmod._MANIFEST).write_text("{")
+    elif how == "extra":  # a file nobody wrote
+        (entry / "stray.json").write_text("{}")
+    else:
+        target.unlink()
+
+
+def test_every_kind_of_damage_is_seen_before_the_entry_is_read(tok, tmp_path_factory, tmp_path, monkeypatch):
+    monkeypatch.setattr(tokmod, "_try_folder", lambda folder: pytest.fail("a damaged entry was read"))
+    for i, how in enumerate(["truncate", "edit", "manifest", "extra", "missing"]):
+        _, entry = _cache_with(tmp_path_factory, tmp_path / str(i))
+        _damage(entry, how)
+        assert tokmod._from_cache(entry) is None, how
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_a_damaged_cache_entry_is_rebuilt_with_one_warning(tok, tmp_path_factory, tmp_path, monkeypatch,
+                                                            damage):
+    cache, entry = _cache_with(tmp_path_factory, tmp_path)
+    _damage(entry, damage)
+    builds = []
+    monkeypatch.setattr(tokmod, "build_from_tiktoken", lambda vocab: builds.append(vocab) or tok)
+    with pytest.warns(PascalineWarning) as caught:
+        again = load_tokenizer(cache_dir=cache)
+    said = f"the tokenizer cache {entry} is damaged; rebuilding it (a few seconds)."
+    assert [str(w.message) for w in caught] == [said]
+    assert len(builds) == 1 and again(PROMPTS[1])["input_ids"] == tok(PROMPTS[1])["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_tokenizer(cache_dir=cache)  # the rebuilt entry is trusted: no warning, no build
+    assert len(builds) == 1
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name]
+
+
+def test_a_full_disk_while_caching_costs_one_warning_not_the_run(tok, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+
+    def full_disk(folder, **kwargs):
+        (Path(folder) / "tokenizer.json").write_text('{"half": ')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tokmod, "build_from_tiktoken", lambda vocab: tok)
+    monkeypatch.setattr(tok, "save_pretrained", full_disk)
+    said = r"could not cache the tokenizer in .*cache \(the disk holding .* is full\); it is built again next"
+    with pytest.warns(PascalineWarning, match=said):
+        got = load_tokenizer(cache_dir=cache)
+    assert got is tok
+    assert list(cache.iterdir()) == []  # nothing half-written left in the way
+
+
+def test_a_corrupt_tokenizer_folder_is_one_sentence(tok, tmp_path):
+    folder = tmp_path / "mine"
+    tok.save_pretrained(str(folder))
+    (folder / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes()[:3000])
+    said = r"the tokenizer in .*mine cannot be read \(.*\); copy it again"
+    with pytest.raises(TokenizerNotFoundError, match=said):
+        load_tokenizer(folder)
+
+
+def test_clean_prompt_joins_utf16_halves_and_refuses_what_is_not_text():
+    assert clean_prompt("a cat 🐱") == "a cat 🐱"
+    assert clean_prompt("a cat \ud83d\udc31") == "a cat 🐱"  # the two halves a Windows pipe hands over
+    with pytest.raises(InvalidArgumentError, match=r"^the prompt holds the byte 0xE9, which is not UTF-8, at "
+                                                   r"character 4; pass it as UTF-8 text"):  # fmt: skip
+        clean_prompt("caf\udce9")  # Latin-1 bytes on a UTF-8 system, as Python decodes argv
+    with pytest.raises(InvalidArgumentError, match=r"half of a UTF-16 character \(U\+D83D\) at character 2"):
+        clean_prompt("a\ud83d b")
+    with pytest.raises(InvalidArgumentError, match="must be text, not bytes"):
+        clean_prompt(b"a cat")
+
+
+def test_the_encoder_tokenizes_cleaned_text(tok):
+    from pascaline.formats.qwen3 import TextEncoder
+
+    encoder = TextEncoder(model=None, tokenizer=tok)
+    assert encoder.tokenize(["a cat \ud83d\udc31"]) == encoder.tokenize(["a cat 🐱"])
+    with pytest.raises(InvalidArgumentError, match="not UTF-8"):
+        encoder.tokenize(["caf\udce9"])

@@ -10,13 +10,14 @@ labelled as extrapolated.
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from pascaline.offload.ledger import HostMemoryPeak
 
 
 @dataclass(frozen=True)
@@ -164,32 +165,15 @@ def extrapolate(
     return seconds + sum(n * per_block[k] for k, n in missing.items() if n > 0)
 
 
-class PeakRss:
-    """Peak resident set size of this process while the context is open (sampled every 5 ms)."""
+class PeakRss(HostMemoryPeak):
+    """Peak resident set size of this process while the context is open (sampled every 5 ms).
 
-    def __init__(self, interval: float = 0.005):
-        import psutil
+    RSS, mapped file pages included; ``peak_real_bytes`` is the figure without them.
+    """
 
-        self._process = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self.peak = 0
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> PeakRss:
-        self.peak = self._process.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
+    @property
+    def peak(self) -> int:
+        return self.peak_rss_bytes
 
 
 class PeakVram:

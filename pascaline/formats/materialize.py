@@ -3,7 +3,10 @@
 Every loader builds its model on ``meta`` and hands this function an iterator of
 ``(canonical_key, tensor)`` pairs read lazily from the file. Each tensor is cast (or,
 when the owning module knows how, quantized) as it arrives, so peak host memory is the
-final model plus one tensor, never a second full-precision copy.
+final model plus one tensor, never a second full-precision copy. A tensor that would
+still be a view of the file mapping after its cast (the file's dtype is the model's, as
+in a pre-quantized file) is copied here, so loading reads what it loads and the model
+never depends on the mapping (whose pages count as the process's memory while it lives).
 
 A module that stores a weight in another form (``QLinear``) says so by defining
 ``state_from_float(name, tensor) -> {name: tensor}``: given the float ``weight`` it
@@ -20,6 +23,8 @@ from torch import nn
 
 from pascaline.errors import StateDictError
 
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     prefix, _, name = key.rpartition(".")
@@ -29,10 +34,40 @@ def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
         return model, key
 
 
+def _borrowed(t: torch.Tensor) -> bool:
+    """Memory torch does not own: a view of a file mapping (``WeightSource.get``) or of another
+    library's buffer. torch cannot resize such storage, which is how it is told apart."""
+    return t.device.type == "cpu" and not t.untyped_storage().resizable()
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if _borrowed(t) else t
+
+
+def check_dtype(source: str, key: str, tensor: torch.Tensor, expected: torch.Tensor | None,
+                kept: bool = False) -> None:
+    """StateDictError naming ``key`` when ``tensor`` cannot fill ``expected`` (None: the float
+    ``weight`` a module quantizes on load): a float parameter never takes integers; stored
+    codes (an int8 or, kept as they are, fp8 ``qweight``) only their own dtype."""
+    wanted = "a float weight" if expected is None else "a float tensor"
+    if (expected is None or expected.is_floating_point()) and not tensor.is_floating_point():
+        problem = f"{key} holds {_dtype(tensor)} where {wanted} belongs"
+    elif expected is not None and (not expected.is_floating_point() or (kept and expected.dtype in _FLOAT8)) \
+            and tensor.dtype != expected.dtype:  # fmt: skip
+        problem = f"{key} holds {_dtype(tensor)} where {_dtype(expected)} belongs"
+    else:
+        return
+    raise StateDictError(f"{source}: {problem}; the file is damaged or of another model.")
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is None or not t.is_floating_point():
         return t
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if t.dtype in _FLOAT8:
         # A float8 tensor that reaches a float module is widened exactly, then cast.
         t = t.float()
     return t.to(dtype)
@@ -52,7 +87,7 @@ def load_state_(
     ``dtype`` is the storage dtype of float tensors (``None`` keeps the file's);
     keys listed in ``keep_dtype`` keep their file dtype (e.g. quantization scales).
     Raises ``StateDictError`` naming ``source`` with the missing, unexpected or
-    mis-shaped keys.
+    mis-shaped keys, or the first key whose dtype cannot fill its parameter.
     """
     expected = model.state_dict(keep_vars=True)
     keep = set(keep_dtype)
@@ -61,15 +96,17 @@ def load_state_(
     for key, tensor in tensors:
         owner, name = _owner(model, key)
         convert = getattr(owner, "state_from_float", None)
-        if convert is not None and key not in expected and tensor.is_floating_point():
+        if convert is not None and key not in expected and (tensor.is_floating_point() or name == "weight"):
+            check_dtype(source, key, tensor, None)
             prefix = key[: len(key) - len(name)]
             produced = convert(name, tensor)
-            state.update({prefix + k: v.to(device) for k, v in produced.items()})
+            state.update({prefix + k: _owned(v.to(device)) for k, v in produced.items()})
             continue
         if key not in expected:
             unexpected.append(key)
             continue
-        state[key] = _cast(tensor, None if key in keep else dtype).to(device)
+        check_dtype(source, key, tensor, expected[key], key in keep)
+        state[key] = _owned(_cast(tensor, None if key in keep else dtype).to(device))
     missing = sorted(set(expected) - set(state))
     bad_shapes = [
         f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"

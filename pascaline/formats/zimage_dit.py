@@ -27,6 +27,7 @@ from pascaline.formats.detect import describe
 from pascaline.formats.materialize import load_with_scheme_
 from pascaline.formats.recipes import (
     Recipe,
+    block_count,
     convert,
     convert_shapes,
     is_scale_or_marker,
@@ -146,8 +147,9 @@ def _need(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
 
 
 def _count(shapes, group: str) -> int:
-    ids = {int(k.split(".")[1]) for k in shapes if k.startswith(group + ".") and k.split(".")[1].isdigit()}
-    return max(ids) + 1 if ids else 0
+    numbers = (k.split(".")[1] for k in shapes if k.startswith(group + "."))
+    ids = {int(n) for n in numbers if n.isascii() and n.isdecimal() and len(n) <= 9}
+    return block_count(ids, group)
 
 
 def _rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -166,8 +168,9 @@ def infer_dit_config(shapes: Mapping[str, tuple[int, ...]]) -> ZImageDiTConfig:
     dim, patch_dim = _need(cs, "x_embedder.weight")
     counts = {g: _count(cs, g) for g in _BLOCK_GROUPS}
     if counts["noise_refiner"] != counts["context_refiner"] or not counts["layers"]:
-        raise ConfigError(f"block counts {counts} fit no Z-Image DiT (needs main layers and as many noise "
-                          "as context refiner blocks).")
+        found = ", ".join(f"{n} {group}" for group, n in counts.items())
+        raise ConfigError(f"the file holds {found} blocks, which fit no Z-Image DiT (it needs main "
+                          "layers and as many noise as context refiner blocks).")
     (head_dim,) = _need(cs, "layers.0.attention.q_norm.weight")
     ffn_hidden = _need(cs, "layers.0.feed_forward.w1.weight")[0]
     t_mid, t_freq = _need(cs, "t_embedder.mlp.0.weight")

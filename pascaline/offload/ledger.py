@@ -3,8 +3,15 @@
 Two kinds of numbers are kept. *Own accounting* is exact and works on any device: the
 streamer and the pipeline declare the bytes they place (``place``/``release``) or hand
 over tensors to watch (``track``, counted until the tensor is garbage). *Measured*
-numbers come from ``torch.cuda`` (allocated and reserved peaks) and from psutil (host
-RSS, sampled at every ledger call, so its "peak" is the largest sample).
+numbers come from ``torch.cuda`` (allocated and reserved peaks) and from ``host_memory``,
+sampled at every ledger call (so a "peak" is the largest sample).
+
+Host memory is two figures, because RSS counts the pages of memory-mapped files: while a
+12 GB weight file is read through its mapping, RSS shows it although those pages are
+page cache the kernel may drop at any time. ``host_memory().real_bytes`` is anonymous
+and shared memory (what needs RAM or swap: tensors, pinned buffers), ``mapped_bytes``
+the mapped file pages; a stage's ``peak_rss_bytes`` is the real figure and
+``peak_mapped_bytes`` the other one.
 
 ``with ledger.stage("dit"):`` checks on exit that the stage left nothing placed that it
 did not hand back: its own-accounted bytes return to the entry level and, on CUDA, the
@@ -14,6 +21,7 @@ its output). A leak raises ``LeakError`` when ``strict`` (tests) and is recorded
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -42,7 +50,8 @@ class StageRecord:
     seconds: float = 0.0
     peak_placed_bytes: int = 0
     placed_at_exit: int = 0
-    peak_rss_bytes: int | None = None
+    peak_rss_bytes: int | None = None  # real (anonymous + shared) host memory, see host_memory()
+    peak_mapped_bytes: int | None = None  # pages of memory-mapped files (weights being read)
     cuda_peak_allocated_bytes: int | None = None
     cuda_peak_reserved_bytes: int | None = None
     cuda_allocated_at_exit: int | None = None
@@ -137,11 +146,12 @@ class MemoryLedger:
         """Update every peak (own, RSS, CUDA) of the ledger and of the open stages."""
         placed = self.placed_bytes
         self._peak = max(self._peak, placed)
-        rss = _rss()
+        host = host_memory()
         for record in self._open:
             record.peak_placed_bytes = max(record.peak_placed_bytes, placed)
-            if rss is not None:
-                record.peak_rss_bytes = max(record.peak_rss_bytes or 0, rss)
+            if host is not None:
+                record.peak_rss_bytes = max(record.peak_rss_bytes or 0, host.real_bytes)
+                record.peak_mapped_bytes = max(record.peak_mapped_bytes or 0, host.mapped_bytes)
             if self._cuda:
                 _fold_cuda_peaks(record, self.device)
 
@@ -151,7 +161,9 @@ class MemoryLedger:
     def stage(self, name: str) -> Iterator[StageRecord]:
         """Time a stage and check on exit that it released what it placed."""
         self.sample()
-        record = StageRecord(name, self.placed_bytes, _rss(), self._allocated())
+        host = host_memory()
+        record = StageRecord(name, self.placed_bytes, host and host.real_bytes, self._allocated())
+        record.peak_mapped_bytes = host and host.mapped_bytes
         record.peak_placed_bytes = record.placed_at_entry
         record.peak_rss_bytes = record.rss_at_entry
         if self._cuda:
@@ -207,12 +219,79 @@ def _fold_cuda_peaks(record: StageRecord, device: torch.device) -> None:
     record.cuda_peak_reserved_bytes = max(record.cuda_peak_reserved_bytes or 0, reserved)
 
 
-def _rss() -> int | None:
+@dataclass(frozen=True)
+class HostMemory:
+    """This process's host memory at one moment.
+
+    ``real_bytes``: anonymous and shared memory, what needs RAM or swap (tensors, pinned
+    buffers); ``mapped_bytes``: resident pages of memory-mapped files (weights being read),
+    page cache the kernel can drop; ``rss_bytes``, their sum, is what ``top`` shows as RES.
+    """
+
+    real_bytes: int
+    mapped_bytes: int
+
+    @property
+    def rss_bytes(self) -> int:
+        return self.real_bytes + self.mapped_bytes
+
+
+_STATUS = "/proc/self/status"
+_STATUS_FIELDS = ("RssAnon:", "RssFile:", "RssShmem:")
+
+
+def host_memory() -> HostMemory | None:
+    """``HostMemory`` now: from /proc/self/status on Linux (cheap: no page walk), else psutil's
+    USS (private memory) against its RSS; None when neither can be read."""
+    try:
+        with open(_STATUS, encoding="ascii") as f:
+            rows = [line.split() for line in f if line.startswith(_STATUS_FIELDS)]
+        fields = {row[0]: int(row[1]) * 1024 for row in rows}
+        return HostMemory(fields["RssAnon:"] + fields["RssShmem:"], fields["RssFile:"])
+    except (OSError, KeyError, ValueError, IndexError):  # not Linux, or a kernel older than 4.5
+        pass
     try:
         import psutil
     except ImportError:
         return None
-    return int(psutil.Process().memory_info().rss)
+    try:
+        info = psutil.Process().memory_full_info()
+    except (psutil.Error, OSError, AttributeError):  # AttributeError: a platform without USS
+        return None
+    return HostMemory(int(info.uss), max(0, int(info.rss) - int(info.uss)))
+
+
+class HostMemoryPeak:
+    """``with HostMemoryPeak() as peak:``: the largest ``host_memory`` figures while open,
+    sampled every ``interval`` seconds on a daemon thread (``peak_real_bytes``, ``peak_rss_bytes``)."""
+
+    def __init__(self, interval: float = 0.005):
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.peak_real_bytes = 0
+        self.peak_rss_bytes = 0
+
+    def sample(self) -> None:
+        host = host_memory()
+        if host is not None:
+            self.peak_real_bytes = max(self.peak_real_bytes, host.real_bytes)
+            self.peak_rss_bytes = max(self.peak_rss_bytes, host.rss_bytes)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> HostMemoryPeak:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
 
 
 def _leak_message(record: StageRecord) -> str:

@@ -12,16 +12,16 @@ format version, model kind and scheme::
 
     {"pascaline": '{"format_version": 1, "model": "zimage-dit", "scheme": {"name": "int8"}}'}
 
-It is written under a temporary name in the destination folder and renamed, so a failure
-leaves no file behind. The header is sized from the meta model before any data is
-written, so peak memory is one tensor, not the quantized model.
+It is written under a temporary name in the destination folder and renamed
+(``atomic.atomic_file``), so a failure leaves no file behind and a replaced file intact.
+The header is sized from the meta model before any data is written, so peak memory is
+one tensor, not the quantized model.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pascaline.atomic import atomic_file
 from pascaline.errors import InvalidArgumentError, MissingFileError, StateDictError
+from pascaline.formats.materialize import check_dtype
 from pascaline.formats.safetensors_io import DTYPES, WeightSource
 from pascaline.quant.api import quantize_
 from pascaline.quant.schemes import (
@@ -90,8 +92,9 @@ def _reserve_header(expected: dict[str, torch.Tensor], metadata: dict[str, str])
     return -(-(len(_header_bytes(fake, metadata)) + 64) // 8) * 8
 
 
-def _quantized_stream(model: nn.Module, tensors: Tensors) -> Tensors:
-    """The source's canonical tensors with every float weight of a quantized module converted."""
+def _quantized_stream(model: nn.Module, tensors: Tensors, source: Path) -> Tensors:
+    """The source's canonical tensors with every float weight of a quantized module converted
+    (an integer tensor where a float one belongs is refused, as on load)."""
     expected = model.state_dict(keep_vars=True)
     for key, tensor in tensors:
         prefix, _, name = key.rpartition(".")
@@ -100,6 +103,10 @@ def _quantized_stream(model: nn.Module, tensors: Tensors) -> Tensors:
         except AttributeError:
             owner = None  # not in the model: reported as unexpected
         convert = getattr(owner, "state_from_float", None)
+        if key in expected:
+            check_dtype(str(source), key, tensor, expected[key])
+        elif convert is not None and name == "weight":
+            check_dtype(str(source), key, tensor, None)
         if convert is not None and key not in expected and tensor.is_floating_point():
             for sub, value in convert(name, tensor).items():
                 yield f"{prefix}.{sub}", value
@@ -124,7 +131,7 @@ def _write_stream(f, model: nn.Module, tensors: Tensors, metadata: dict[str, str
     f.seek(8 + reserved)
     entries: dict[str, dict] = {}
     offset = 0
-    for key, tensor in _quantized_stream(model, tensors):
+    for key, tensor in _quantized_stream(model, tensors, source):
         if key in entries:
             raise StateDictError(f"{source} holds {key} twice; the file is damaged.")
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
@@ -180,14 +187,8 @@ def write_quantized(source: WeightSource, model: nn.Module, tensors: Callable[[]
     """
     scheme = check_scheme(scheme)
     dst = check_target(Path(src), dst)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
     with source:
         quantize_(model, scheme)
-        try:
-            with tmp.open("wb") as f:
-                count = _write_stream(f, model, tensors(), file_metadata(kind, scheme), Path(src), progress)
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(dst) as f:  # a full disk or a Ctrl-C leaves the previous dst, if any, as it was
+            count = _write_stream(f, model, tensors(), file_metadata(kind, scheme), Path(src), progress)
     return QuantizeResult(dst, kind, scheme.name, count, source.nbytes, dst.stat().st_size)

@@ -9,6 +9,7 @@ caps for named cards with ``DeviceCaps.preset``; no GPU is needed to test a poli
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -304,6 +305,9 @@ def parse_bytes(value: str | int | float) -> int:
                 f"Cannot read the size {value!r}; write it like '7GiB', '7.5G' or '7000MB'."
             )
         number, unit = float(match.group(1)), match.group(2).lower()
+    if not math.isfinite(number * _UNITS[unit]):  # hundreds of digits, inf, nan
+        shown = str(value)[:24]
+        raise InvalidArgumentError(f"The size {shown!r} is not a finite number; write it like '7GiB'.")
     if number <= 0:
         raise InvalidArgumentError(f"The size {value!r} must be positive; write it like '7GiB'.")
     return int(number * _UNITS[unit])

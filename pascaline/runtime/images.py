@@ -9,20 +9,28 @@ A PNG we write holds three text chunks:
   dropping the PNG on ComfyUI's canvas brings the graph back.
 Files are written under a temporary name in the target folder and renamed, so a crash or
 a cancel never leaves a half-written image under the requested name.
+
+Images read (an init image, a PNG's settings) are opened through one guard: a pixel
+limit (``sizing.MAX_INIT_IMAGE_PIXELS``) checked on the header before any decoding, and
+a damaged file reported in one sentence, whatever Pillow raised.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
-from collections.abc import Mapping
+import struct
+import warnings
+import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pascaline import __version__
+from pascaline.atomic import atomic_file, check_writable, write_error
 from pascaline.errors import InvalidArgumentError, MissingFileError
+from pascaline.runtime.sizing import MAX_INIT_IMAGE_PIXELS, validate_count
 
 METADATA_KEY = "pascaline"
 PARAMETERS_KEY = "parameters"
@@ -193,28 +201,65 @@ def save_png(image, path: str | Path, meta: Mapping[str, Any] | None = None) -> 
         if meta.get("family") is not None:  # the model family says which ComfyUI nodes describe it
             # json.dumps' default ASCII escapes keep this a tEXt chunk, as ComfyUI writes it
             info.add_text(COMFY_KEY, json.dumps(comfy_prompt(meta)))
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("xb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
+
+
+# What Pillow raises for a damaged file, by format plugin: truncated or broken data
+# (OSError, EOFError, SyntaxError), chunks that lie about their size (struct.error,
+# ValueError), bad compressed streams (zlib.error).
+_DAMAGED = (OSError, EOFError, SyntaxError, ValueError, struct.error, zlib.error)
+
+
+@contextmanager
+def _opened(path: str | Path, what: str, kinds: str, *, decode: bool = True) -> Iterator:
+    """A decoded PIL image of ``path``, refused in one sentence when it is missing, not an image,
+    above ``MAX_INIT_IMAGE_PIXELS`` (checked on the header, before decoding) or damaged.
+    ``decode=False`` reads the header only."""
+    from PIL import Image, UnidentifiedImageError
+
+    limit = f"the limit is {MAX_INIT_IMAGE_PIXELS / 1e6:.0f} megapixels; scale it down first"
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns from 89 MP and refuses from 179 MP; our own limit is lower
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"{what} {path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise InvalidArgumentError(f"{what} {path} is a folder; give an image file.") from None
+    except UnidentifiedImageError:
+        raise InvalidArgumentError(f"{what} {path} is not an image file; give {kinds}.") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidArgumentError(f"{what} {path} is too large ({limit}).") from None
+    except _DAMAGED as exc:
+        raise InvalidArgumentError(f"{what} {path} cannot be read ({_reason(exc)}); give {kinds}.") from None
+    with image:
+        width, height = image.size
+        if width * height > MAX_INIT_IMAGE_PIXELS:
+            raise InvalidArgumentError(
+                f"{what} {path} is {width}x{height}, {width * height / 1e6:.0f} megapixels ({limit})."
+            )
+        try:
+            if decode:
+                image.load()
+        except _DAMAGED as exc:
+            raise InvalidArgumentError(
+                f"{what} {path} is damaged ({_reason(exc)}); give {kinds} that opens in an image viewer."
+            ) from None
+        yield image
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().rstrip(".") or type(exc).__name__
+    return text[:80]
 
 
 def read_png_text(path: str | Path) -> dict[str, str]:
     """All tEXt/iTXt/zTXt chunks of a PNG."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return dict(getattr(image, "text", {}))
-    except FileNotFoundError:
-        raise InvalidArgumentError(f"{path} does not exist; check the path.") from None
-    except UnidentifiedImageError:
-        raise InvalidArgumentError(f"{path} is not an image file; give a PNG written by pascaline.") from None
+    with _opened(path, "image", "a PNG written by pascaline") as image:
+        return dict(getattr(image, "text", {}))
 
 
 def read_png_metadata(path: str | Path) -> dict[str, Any]:
@@ -222,7 +267,13 @@ def read_png_metadata(path: str | Path) -> dict[str, Any]:
     text = read_png_text(path).get(METADATA_KEY)
     if text is None:
         raise InvalidArgumentError(f"{path} carries no pascaline settings; only images pascaline wrote do.")
-    return json.loads(text)
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise InvalidArgumentError(f"the pascaline settings in {path} are damaged (not a JSON object).")
+    return meta
 
 
 def output_paths(out: str | Path, count: int = 1) -> list[Path]:
@@ -232,18 +283,31 @@ def output_paths(out: str | Path, count: int = 1) -> list[Path]:
     to the width of N, so they sort), in seed order seed, seed+1, ...
     """
     out = Path(out)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise InvalidArgumentError(f"count must be a whole number of at least 1, not {count!r}.")
+    validate_count(count)
     if out.suffix.lower() != ".png":
         raise InvalidArgumentError(f"output {out} must end in .png; pascaline writes PNG files only.")
-    if out.is_dir():
+    try:
+        is_folder, parent_exists = out.is_dir(), out.parent.is_dir()
+    except OSError as exc:  # a name the file system refuses (too long)
+        raise write_error(exc, out) from None
+    if is_folder:
         raise InvalidArgumentError(f"output {out} is a folder; give a file name such as {out / 'image.png'}.")
-    if not out.parent.is_dir():
+    if not parent_exists:
         raise InvalidArgumentError(f"the folder {out.parent} does not exist; create it first.")
     if count == 1:
-        return [out]
-    width = len(str(count))
-    return [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix}") for i in range(1, count + 1)]
+        paths = [out]
+    else:
+        width = len(str(count))
+        paths = [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix}") for i in range(1, count + 1)]
+    check_writable(paths[-1])  # a read-only folder or an illegal name fails now, not after the run
+    return paths
+
+
+def check_init_image(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an init image from its header alone, so a missing, foreign or
+    too large file fails before any weights are read (damaged data shows only when decoded)."""
+    with _opened(path, "init image", "a PNG or JPEG", decode=False) as image:
+        return image.size
 
 
 def load_init_image(path: str | Path, width: int, height: int):
@@ -254,15 +318,14 @@ def load_init_image(path: str | Path, width: int, height: int):
     """
     import numpy as np
     import torch
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
-    try:
-        with Image.open(path) as raw:
+    with _opened(path, "init image", "a PNG or JPEG") as raw:
+        try:
             image = ImageOps.exif_transpose(raw).convert("RGB")
-    except FileNotFoundError:
-        raise InvalidArgumentError(f"init image {path} does not exist; check the path.") from None
-    except UnidentifiedImageError:
-        raise InvalidArgumentError(f"init image {path} is not an image file; give a PNG or JPEG.") from None
+        except _DAMAGED as exc:
+            why = _reason(exc)
+            raise InvalidArgumentError(f"init image {path} is damaged ({why}); give a PNG or JPEG.") from None
     image = ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())  # pixels: [H, W, 3]
     return (pixels / 127.5 - 1.0).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]

@@ -18,7 +18,7 @@ import torch
 
 from pascaline.errors import InvalidArgumentError
 from pascaline.runtime import sampling
-from pascaline.runtime.sizing import validate_size
+from pascaline.runtime.sizing import validate_sampling, validate_size
 
 OUTPUTS = ("pil", "tensor", "latent")
 NEGATIVE_MODES = ("zero", "empty")
@@ -118,8 +118,9 @@ class GenerateOptions:
             raise InvalidArgumentError(f"the negative prompt must be text, not {kind}.")
         if self.width is not None or self.height is not None:
             validate_size(self.width or 1024, self.height or 1024)
-        if self.steps is not None and (not whole(self.steps) or self.steps < 1):
-            raise InvalidArgumentError(f"steps must be a whole number of at least 1, not {self.steps!r}.")
+        # the limits of runtime/sizing.py (unset values are the variant's, within them)
+        validate_sampling(1 if self.steps is None else self.steps, 1.0 if self.cfg is None else self.cfg,
+                          self.denoise)  # fmt: skip
         if self.seed is not None and (not whole(self.seed) or not 0 <= self.seed < SEED_RANGE):
             raise InvalidArgumentError(
                 f"seed {self.seed!r} is out of range; use a whole number from 0 to 2**64-1."
@@ -127,8 +128,6 @@ class GenerateOptions:
         self._check_sampling()
         if self.shift is not None and (not number(self.shift) or self.shift <= 0):
             raise InvalidArgumentError(f"shift must be a positive number, not {self.shift!r}.")
-        if self.cfg is not None and (not number(self.cfg) or self.cfg < 0):
-            raise InvalidArgumentError(f"cfg must be a number of 0 or more (1 = off), not {self.cfg!r}.")
         self.check_blind_start()
         self._check_img2img()
         if self.output not in OUTPUTS:

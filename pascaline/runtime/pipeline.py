@@ -397,7 +397,10 @@ class Pipeline:
         label = self.family.component(largest).label
         what = quant or str(self._stage_dtype(largest)).removeprefix("torch.")
         held = "the models kept together" if self.keep_loaded else f"the {label} ({what})"
-        hint = "" if quant else "; use --quant w8a8 (or int8) to need half or less"
+        quantized = sum(estimated_host_bytes(self.files.where(r), self._stage_dtype(r),
+                                             self.family.component(r).quantized)
+                        for r in (needs if self.keep_loaded else [largest]))  # fmt: skip
+        hint = f"; with --quant w8a8 that is about {format_bytes(quantized)}" if quantized < need else ""
         raise HostMemoryError(
             f"{held} would need about {format_bytes(need)} of RAM but only {format_bytes(available)} is "
             f"available; close other programs{hint}."

@@ -37,10 +37,13 @@ from pascaline.errors import RequestError
 if TYPE_CHECKING:
     from pascaline.runtime.pipeline import GenerateOptions
 
-LOAD_FIELDS = ("model", "loras")  # load-level names, accepted once load_pipeline takes them
+LOAD_FIELDS = ("model",)  # load-level names, accepted once load_pipeline takes them
 SERVER_ONLY = {"output": "images are always written as PNG files"}  # never taken from a request
 # the JSON type of a field whose Python type has none (a path, a tensor): converted on parsing
-WIRE_TYPES: dict[str, Any] = {"init_image": str | None}  # base64 PNG/JPEG (a data: URL too)
+WIRE_TYPES: dict[str, Any] = {
+    "init_image": str | None,  # base64 PNG/JPEG (a data: URL too)
+    "loras": list[str] | None,  # "name:strength" specs; per image (branches), so no pipeline reload
+}
 MAX_STEPS = 500
 MAX_PROMPT_CHARS = 20_000
 MAX_INIT_IMAGE_BYTES = 32 << 20
@@ -134,8 +137,12 @@ def _check_wire_type(name: str, annotation: Any) -> None:
 # ---------------------------------------------------------------------------- parsing
 
 
-def parse_request(data: Any) -> JobRequest:
-    """Check ``data`` (a JSON object) and turn it into a ``JobRequest`` (one sentence per mistake)."""
+def parse_request(data: Any, *, lora_root=None) -> JobRequest:
+    """Check ``data`` (a JSON object) and turn it into a ``JobRequest`` (one sentence per mistake).
+
+    ``lora_root``: the folder LoRA names are looked up in (a server's ``models/loras/``); a name
+    that is absolute or leaves it is refused. None: LoRA specs are paths as given (a batch file).
+    """
     from pascaline.runtime.pipeline import GenerateOptions
 
     if not isinstance(data, Mapping):
@@ -152,11 +159,31 @@ def parse_request(data: Any) -> JobRequest:
     generate = {k: v for k, v in values.items() if fields[k].group == "generate"}
     if generate.get("init_image") is not None:
         generate["init_image"] = decode_init_image(generate["init_image"], generate)
+    if generate.get("loras") and lora_root is not None:
+        generate["loras"] = [_inside(lora_root, spec) for spec in generate["loras"]]
     options = GenerateOptions(**generate).with_seed()
     record = {**values, "seed": options.seed}
     # a load-level setting equal to load_pipeline's default is the server's own pipeline
     load = {k: v for k, v in values.items() if fields[k].group == "load" and v != fields[k].default}
     return JobRequest(options, load, record)
+
+
+def _inside(root, spec: str) -> str:
+    """A ``name:strength`` LoRA spec with its name resolved inside ``root``, or one sentence."""
+    from pathlib import Path, PurePath
+
+    name, sep, strength = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    try:
+        float(strength) if sep else None
+    except ValueError:
+        name, sep, strength = spec, "", ""
+    rel = PurePath(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise RequestError(f"LoRA {name!r} must be a file name inside the server's loras folder.")
+    path = Path(root) / rel
+    if not path.is_file():
+        raise RequestError(f"the server has no LoRA {name!r} in its loras folder.")
+    return f"{path}{sep}{strength}"
 
 
 def _check_limits(values: Mapping[str, Any]) -> None:

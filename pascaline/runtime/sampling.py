@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from pascaline.errors import InvalidArgumentError
+from pascaline.runtime.sizing import MAX_SCHEDULE_STEPS, MAX_STEPS, validate_denoise, validate_steps
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 Predict = Callable[[Tensor, Tensor], Tensor]
@@ -84,9 +85,8 @@ def percent_to_sigma(percent: float, shift: float) -> float:
     return float(shift_sigmas(torch.tensor(1.0 - percent, dtype=torch.float64), shift))
 
 
-def _validate_schedule(steps: int, shift: float, scheduler: str) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidArgumentError(f"steps must be a whole number of at least 1, not {steps!r}.")
+def _validate_schedule(steps: int, shift: float, scheduler: str, limit: int = MAX_STEPS) -> None:
+    validate_steps(steps, limit)
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise InvalidArgumentError(f"shift must be a positive number, not {shift!r}.")
     if scheduler not in SCHEDULERS:
@@ -141,14 +141,13 @@ def sigma_schedule(steps: int, shift: float = 3.0, *, scheduler: str = "linear")
     shifted twice (0.00893 at shift 3). ``sgm_uniform`` (ComfyUI): ``shift(linspace(1, table[0],
     N+1)[:-1])`` then 0. A family maps its user-facing names onto these (``Family.schedulers``).
     """
-    _validate_schedule(steps, shift, scheduler)
+    _validate_schedule(steps, shift, scheduler, MAX_SCHEDULE_STEPS)  # img2img's long schedules too
     return SCHEDULES[scheduler](steps, shift).to(torch.float32)
 
 
 def img2img_schedule(steps: int, denoise: float, shift: float = 3.0, *, scheduler: str = "linear") -> Tensor:
     """ComfyUI's partial schedule: the last ``steps + 1`` sigmas of an ``int(steps/denoise)``-step run."""
-    if not (isinstance(denoise, (int, float)) and 0 < denoise <= 1):
-        raise InvalidArgumentError(f"denoise must be in (0, 1], not {denoise!r}.")
+    validate_denoise(denoise)
     _validate_schedule(steps, shift, scheduler)
     if denoise > 0.9999:  # ComfyUI's own cut-off for "full denoise"
         return sigma_schedule(steps, shift, scheduler=scheduler)

@@ -254,7 +254,7 @@ def create_app(service: JobService, *, token: str | None = None) -> FastAPI:
 def _job_routes(api: APIRouter, service: JobService) -> None:
     @api.post("/v1/jobs", status_code=202)
     async def submit(body: JobBody) -> dict:
-        request = parse_request(body.model_dump(exclude_unset=True))
+        request = parse_request(body.model_dump(exclude_unset=True), lora_root=service.lora_root)
         job = service.submit([request])[0]
         return {**service.view(job), "events": f"/v1/jobs/{job.id}/events"}
 
@@ -311,9 +311,11 @@ def _openai_routes(api: APIRouter, service: JobService) -> None:
         given = body.model_dump(exclude_unset=True)
         options = {k: v for k, v in given.items() if k not in (*_OpenAIBase.model_fields, "seed")}
         width, height = _size(body.size)
-        first = parse_request({**options, "width": width, "height": height, "seed": given.get("seed")})
+        first = parse_request({**options, "width": width, "height": height, "seed": given.get("seed")},
+                              lora_root=service.lora_root)
         seed = first.options.seed
-        jobs = [first] + [parse_request({**first.record, "seed": seed + i}) for i in range(1, body.n)]
+        jobs = [first] + [parse_request({**first.record, "seed": seed + i}, lora_root=service.lora_root)
+                          for i in range(1, body.n)]
         submitted = service.submit(jobs, batch=secrets.token_hex(8))
         finished = await asyncio.gather(*(service.wait(job.id) for job in submitted))
         failed = next((job for job in finished if job.state != DONE), None)

@@ -133,11 +133,14 @@ def run_serve(args: argparse.Namespace) -> int:
             keep_loaded=False,  # the worker loads it and keeps it (JobService._load_kept)
         )  # fmt: skip
         first = load()  # finds and checks the files now: a mistake ends here with one sentence
-        serve_(first, lambda settings: load(**settings), folder, sock, args.token, _ProgressBars())
+        loras = Path(args.models).expanduser() / "loras" if args.models else folder / "loras"
+        serve_(first, lambda settings: load(**settings), folder, sock, args.token, _ProgressBars(),
+               lora_root=loras)
     return 0
 
 
-def serve_(first, loader, folder: Path, sock: socket.socket, token: str | None, progress=None) -> None:
+def serve_(first, loader, folder: Path, sock: socket.socket, token: str | None, progress=None, *,
+           lora_root: Path | None = None) -> None:
     """Run the server on ``sock`` until it is stopped (Ctrl-C, SIGTERM)."""
     import uvicorn
 
@@ -148,7 +151,8 @@ def serve_(first, loader, folder: Path, sock: socket.socket, token: str | None, 
 
     store = JobStore(folder)
     echo = partial(print, flush=True)
-    service = JobService(store, EventHub(), folder, loader, first, progress=progress, echo=echo)
+    service = JobService(store, EventHub(), folder, loader, first, progress=progress, echo=echo,
+                         lora_root=lora_root or folder / "loras")
     app = create_app(service, token=token)
     host, port = sock.getsockname()[:2]
     where = f"[{host}]" if ":" in host else host

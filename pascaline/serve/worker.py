@@ -58,9 +58,11 @@ class JobService:
 
     def __init__(self, store: JobStore, hub: EventHub, out: Path, loader: Loader, first=None, *,
                  progress: Callable[[str, int, int], None] | None = None,
-                 echo: Callable[[str], None] = print):  # fmt: skip
+                 echo: Callable[[str], None] = print, lora_root: Path | None = None):  # fmt: skip
         self.store, self.hub, self.out = store, hub, Path(out)
         self._loader, self._pipe, self._key = loader, first, ()
+        # LoRA names in requests are files of this folder (models/loras/), never other paths
+        self.lora_root = lora_root or Path(out) / "loras"
         self._ready = False  # the pipeline's models are in host RAM
         self._load_error: str | None = None
         self._bars, self._echo = progress, echo
@@ -210,7 +212,7 @@ class JobService:
         start = time.perf_counter()
         pipe = None
         try:
-            request = parse_request(job.request)
+            request = parse_request(job.request, lora_root=self.lora_root)
             pipe = self._pipeline(request.pipeline_key, request.load)
             if cancel.is_set():
                 raise Cancelled("cancelled before it started.")
