@@ -166,11 +166,12 @@ def _policy_lines(caps, models: list[str]) -> list[str]:
 
 def _dit_placement(dtype, quant: str | None, budget: int, model: str) -> str:
     """How ``generate`` places ``model``'s published diffusion model at INFO_SIZE² under ``budget``,
-    planned on ``meta`` with the conditioning length of a typical prompt."""
+    planned on ``meta`` with the conditioning length of a typical prompt; with the variant's
+    default guidance, the two branches as one batch of 2 when the pipeline would do so."""
     from pascaline.errors import BudgetError
     from pascaline.families import resolve_variant
     from pascaline.runtime.device import format_bytes
-    from pascaline.runtime.memory import plan_dit
+    from pascaline.runtime.memory import cfg_batch_pays, plan_dit
 
     family, variant = resolve_variant(model)
     cfg, tokens = variant.dit_config, family.typical_cond_tokens(variant.dit_config)
@@ -179,10 +180,20 @@ def _dit_placement(dtype, quant: str | None, budget: int, model: str) -> str:
         plan = plan_dit(family, cfg, dtype, quant, INFO_SIZE, INFO_SIZE, tokens, budget)
     except BudgetError as exc:
         return f"{head}: does not fit. {exc}"
+    guidance = ""
+    if variant.defaults.cfg != 1.0 and family.cfg_batching:
+        try:
+            two = plan_dit(family, cfg, dtype, quant, INFO_SIZE, INFO_SIZE, tokens, budget, batch=2)
+        except BudgetError:
+            two = None
+        if cfg_batch_pays(plan, two):
+            plan, guidance = two, ", guidance as a batch of 2"
+        else:
+            guidance = ", guidance one branch at a time"
     slots = f", {plan.slots} slots of {format_bytes(plan.slot_bytes)}" if plan.streamed else ""
     return (
         f"{head}: {len(plan.resident)} of {len(plan.units)} blocks resident, {len(plan.streamed)} "
-        f"streamed{slots}, expected peak {format_bytes(plan.expected_peak_bytes)}"
+        f"streamed{slots}, expected peak {format_bytes(plan.expected_peak_bytes)}{guidance}"
     )
 
 

@@ -153,7 +153,7 @@ def test_source_is_closed_when_quantizing_the_model_fails(dit_bf16, tmp_path, mo
 # --- info ------------------------------------------------------------------------------------
 
 _PLACEMENT = re.compile(
-    r"DiT at 1024x1024 \((\S+)\) under ([\d.]+) GiB: (\d+) of (\d+) blocks resident, "
+    r"z-image-turbo: DiT at 1024x1024 \((\S+)\) under ([\d.]+) GiB: (\d+) of (\d+) blocks resident, "
     r"(\d+) streamed, (\d+) slots of [\d.]+ MiB, expected peak ([\d.]+) GiB"
 )
 
@@ -172,6 +172,23 @@ def test_info_for_a_gtx1070(capsys):
     assert scheme == "w8a8" and budget == "7.00" and units == "34"
     assert int(resident) + int(streamed) == 34 and int(streamed) > 0 and slots == "2"
     assert float(peak) <= 7.0
+
+
+def test_info_plans_every_variant_or_the_one_asked_for(capsys):
+    assert main(["info", "--card", "gtx1070"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if ": DiT at 1024x1024" in line]
+    assert [line.split(":")[0] for line in lines] == ["sd3-medium", "sd3.5-medium", "sd3.5-large",
+                                                      "sd3.5-large-turbo", "z-image-turbo"]
+    large = next(line for line in lines if line.startswith("sd3.5-large:"))
+    resident, units, streamed = map(int, re.search(r"(\d+) of (\d+) blocks resident, (\d+) streamed",
+                                                   large).groups())
+    assert units == 38 and streamed > 0 and resident + streamed == 38  # 8.15 GB of int8 weights: streamed
+    assert "guidance as a batch of 2" in large
+    assert main(["info", "--card", "gtx1070", "--model", "sd3.5-medium"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": DiT at" in line]
+    assert len(lines) == 1 and lines[0].startswith("sd3.5-medium: ") and "0 streamed" in lines[0]
+    assert main(["info", "--model", "sdxl"]) == 2
 
 
 def test_info_for_an_rtx2060_computes_the_dit_in_fp16(capsys):

@@ -75,7 +75,7 @@ def test_explicit_paths_are_checked(tmp_path):
                              text_encoder=root / "text_encoders" / "qwen_3_4b.safetensors",
                              vae=root / "vae" / "ae.safetensors")
     assert files.root is None
-    expected = r"looks like the FLUX.1 VAE, but a diffusion model \(Z-Image DiT"
+    expected = r"looks like the FLUX.1 VAE, but a diffusion model \(SD3 MMDiT or Z-Image DiT\)"
     with pytest.raises(WrongModelError, match=expected):
         find_model_files(root, dit=root / "vae" / "ae.safetensors")
 

@@ -127,3 +127,10 @@ def mmdit_activation_bytes(cfg, height: int, width: int, context_tokens: int, dt
     crop = image * cfg.hidden * compute
     workspace = quant_workspace_bytes(tokens, cfg.hidden, cfg.mlp_hidden, quant, dtype)
     return int(block * 1.25) + latents + crop + workspace
+
+
+def cfg_batch_pays(one, two) -> bool:
+    """Whether guidance's two branches should run as one batch of 2, from the batch-1 plan ``one``
+    and the batch-2 plan ``two`` (None: it does not fit): when one pass streams at most the
+    bytes of the two passes it replaces."""
+    return two is not None and two.streamed_bytes <= 2 * one.streamed_bytes

@@ -445,12 +445,14 @@ class Pipeline:
             return True
         if not self.family.cfg_batching:
             return False
+        from pascaline.runtime.memory import cfg_batch_pays
+
         one = plan_for_model(model, self.budget_bytes, act_one, self.prefetch)
         try:
             two = plan_for_model(model, self.budget_bytes, act_two, self.prefetch)
         except BudgetError:
-            return False
-        return two.streamed_bytes <= 2 * one.streamed_bytes
+            two = None
+        return cfg_batch_pays(one, two)
 
     def _dit_stage(self, options, conds, init, ledger, report, callback) -> torch.Tensor:
         noise = sampling.initial_noise(options.seed, options.height, options.width,

@@ -1,0 +1,219 @@
+"""Stable Diffusion 3 / 3.5 (Stability AI): the MMDiT, CLIP-L + CLIP-G + T5-XXL, a 16-channel AE.
+
+Conventions (sd3-family.md): the MMDiT gets ``t = σ·1000`` and returns the velocity
+``noise - x0`` (the sampler's F is its negative); its conditioning is ``(context [L, 4096],
+pooled [2048])`` per prompt, assembled from the three encoders as ComfyUI does (§3.4, §3.5:
+without T5 the context is the 77k CLIP tokens alone); without a negative prompt the
+unconditional branch is the empty prompt encoded (ComfyUI's SD3/SD3.5 examples, diffusers).
+The AE is FLUX.1's architecture with SD3's latent scale 1.5305 and shift 0.0609.
+
+Defaults per variant are ComfyUI's example workflows (§6.3), shift 3 everywhere:
+SD3 Medium 30 steps cfg 5.45, SD3.5 Large 20 steps cfg 5.45, SD3.5 Large Turbo 4 steps
+cfg 1.2 (ComfyUI's README; SAI's reference uses 1.0, which skips the negative pass),
+euler with sgm_uniform; SD3.5 Medium has no ComfyUI example: 40 steps cfg 4.5 (its HF
+template), with skip-layer guidance on blocks 7-9 ready but off (scale 0; ComfyUI's
+SkipLayerGuidanceSD3 node uses scale 3, 0.01-0.15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from pascaline.errors import InvalidArgumentError
+from pascaline.families.base import (
+    Component,
+    Defaults,
+    Family,
+    LatentFormat,
+    LoadContext,
+    Located,
+    Prediction,
+    Variant,
+)
+from pascaline.models.mmdit import VARIANTS as MMDIT_VARIANTS
+
+CLIP_TOKENS = 77  # one CLIP chunk; T5 pads to at least as many
+
+
+def _timestep(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma * 1000.0
+
+
+# ComfyUI's example workflows: ModelSamplingSD3 shift 3, euler, sgm_uniform, an empty-prompt negative
+_COMFY_SAMPLING = dict(shift=3.0, sampler="euler", scheduler="sgm_uniform", negative="empty")
+_KINDS = {"clip_l": "clip-l", "clip_g": "clip-g", "t5": "t5-encoder"}
+
+
+class SD3(Family):
+    name = "sd3"
+    label = "SD3"
+    components = (
+        Component("dit", "SD3 MMDiT", ("sd3-mmdit",), "dit", ("diffusion_models", "unet"), "transformer"),
+        Component("clip_l", "CLIP-L text encoder", ("clip-l",), "encoder", ("text_encoders", "clip"),
+                  "text_encoder", quantized=False),
+        Component("clip_g", "CLIP-G text encoder", ("clip-g",), "encoder", ("text_encoders", "clip"),
+                  "text_encoder_2"),
+        Component("t5", "T5-XXL text encoder", ("t5-encoder",), "encoder", ("text_encoders", "clip"),
+                  "text_encoder_3", optional=True),
+        Component("vae", "SD3 VAE", ("flux-vae",), "vae", ("vae",), "vae", quantized=False),
+    )  # fmt: skip
+    latent = LatentFormat(channels=16, scale=1.5305, shift=0.0609)
+    prediction = Prediction(timestep=_timestep, output_sign=-1.0)
+    variants = {
+        "sd3-medium": Variant(
+            "sd3-medium", "SD3 Medium",
+            Defaults(steps=30, cfg=5.45, **_COMFY_SAMPLING),
+            MMDIT_VARIANTS["sd3-medium"], source="ComfyUI_examples sd3_simple_example (30 steps, cfg 5.45)"),
+        "sd3.5-medium": Variant(
+            "sd3.5-medium", "SD3.5 Medium",
+            Defaults(steps=40, cfg=4.5, **_COMFY_SAMPLING, slg_layers=(7, 8, 9), slg_scale=0.0,
+                     slg_start=0.01, slg_end=0.15),
+            MMDIT_VARIANTS["sd3.5-medium"], source="its HF template (40 steps, cfg 4.5); SLG off by default"),
+        "sd3.5-large": Variant(
+            "sd3.5-large", "SD3.5 Large",
+            Defaults(steps=20, cfg=5.45, **_COMFY_SAMPLING),
+            MMDIT_VARIANTS["sd3.5-large"],
+            source="ComfyUI_examples sd3.5_text_encoders_example (20 steps, cfg 5.45)"),
+        "sd3.5-large-turbo": Variant(
+            "sd3.5-large-turbo", "SD3.5 Large Turbo",
+            Defaults(steps=4, cfg=1.2, **_COMFY_SAMPLING),
+            MMDIT_VARIANTS["sd3.5-large"], source="ComfyUI_examples sd3 README (4 steps, cfg 1.2)"),
+    }  # fmt: skip
+    default_variant = "sd3.5-large"
+    samplers = ("euler", "dpmpp_2m", "res_multistep")
+    # "linear": diffusers' FlowMatchEulerDiscreteScheduler sigmas = ComfyUI's "normal"
+    schedulers = {"linear": "normal", "normal": "normal", "sgm_uniform": "sgm_uniform", "simple": "simple"}
+    supports_skip_layers = True
+    cfg_batching = True
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def load_component(self, role: str, where: Located, ctx: LoadContext):
+        prefix = where.prefix or None
+        if role == "dit":
+            from pascaline.formats.sd3_mmdit import load_mmdit
+
+            return load_mmdit(where.path, dtype=ctx.dtype, device=ctx.device, quant=ctx.quant)
+        if role == "vae":
+            from pascaline.formats.flux_vae import load_vae
+
+            return load_vae(where.path, dtype=ctx.dtype, device=ctx.device, latent=self.latent)
+        if role == "t5":
+            from pascaline.formats.t5 import load_t5
+
+            return load_t5(where.path, dtype=ctx.dtype, device=ctx.device, quant=ctx.quant, prefix=prefix,
+                           tokenizer=ctx.tokenizers.get(role))  # fmt: skip
+        from pascaline.formats.clip import load_clip
+
+        return load_clip(where.path, dtype=ctx.dtype, device=ctx.device, quant=ctx.quant, prefix=prefix,
+                         tokenizer=ctx.tokenizers.get(role), kind=_KINDS[role])  # fmt: skip
+
+    def load_tokenizers(self, files, explicit) -> dict:
+        from pascaline.formats.clip import models_dir_of
+        from pascaline.formats.sd3_tokenizers import load_sd3_tokenizer
+
+        if explicit is not None:
+            raise InvalidArgumentError(
+                "SD3 finds its CLIP and T5 tokenizers itself (a snapshot's tokenizer folders, a ComfyUI "
+                "install's, or the copies pascaline ships); leave --tokenizer out.")
+        out = {}
+        for role in self.encoder_roles:
+            if role in files.located:
+                models_dir = files.root or models_dir_of(files.where(role).path)
+                out[role] = load_sd3_tokenizer(_KINDS[role], models_dir=models_dir)
+        return out
+
+    def quantize_source(self, kind: str, path: Path):
+        if kind == "sd3-mmdit":
+            from pascaline.formats.sd3_mmdit import open_mmdit_for_quantize
+
+            return open_mmdit_for_quantize(path)
+        if kind == "t5-encoder":
+            from pascaline.formats.t5 import open_t5
+
+            return open_t5(path)
+        from pascaline.formats.clip import open_clip
+
+        return open_clip(path, kind=kind)
+
+    # --- the diffusion model ------------------------------------------------------------------
+
+    def dit_config(self, where: Located):
+        from pascaline.formats.sd3_mmdit import infer_mmdit_config, open_mmdit_source
+
+        with open_mmdit_source(where.path) as source:
+            return infer_mmdit_config(source.shapes())
+
+    def meta_dit(self, config, dtype: torch.dtype):
+        from pascaline.models.mmdit import MMDiT
+
+        with torch.device("meta"):
+            return MMDiT(config).to(dtype)
+
+    def dit_activation_bytes(self, config, width, height, cond_tokens, dtype, quant, batch=1) -> int:
+        from pascaline.runtime.memory import mmdit_activation_bytes
+
+        return mmdit_activation_bytes(config, height, width, cond_tokens, dtype, quant, batch)
+
+    def min_cond_tokens(self, config) -> int:
+        return CLIP_TOKENS  # CLIP alone (--no-t5); T5 adds at least as many again
+
+    def typical_cond_tokens(self, config) -> int:
+        return 2 * CLIP_TOKENS  # one CLIP chunk and T5's minimum, ComfyUI's lengths for a short prompt
+
+    def check_size(self, config, width: int, height: int) -> None:
+        if max(width, height) > config.max_image_side:
+            raise InvalidArgumentError(
+                f"{width}x{height} is larger than this MMDiT's position table allows "
+                f"({config.max_image_side} px a side); keep both sides at or below {config.max_image_side}.")
+
+    def guess_variant(self, config) -> str:
+        if config.dual_attention_layers:
+            return "sd3.5-medium"
+        return "sd3.5-large" if config.qk_norm else "sd3-medium"
+
+    def model_fn(self, model, skip_layers: Sequence[int] = ()):
+        skip = tuple(skip_layers)
+
+        def fn(x: torch.Tensor, t: torch.Tensor, conds: list) -> torch.Tensor:
+            # conds: B x (context [L_i, 4096], pooled [2048]); no mask exists, so unequal lengths run apart
+            if len({c[0].shape[0] for c in conds}) == 1:
+                context = torch.stack([c[0] for c in conds])  # [B, L, 4096]
+                pooled = torch.stack([c[1] for c in conds])  # [B, 2048]
+                return model(x, t, context, pooled, skip_layers=skip)
+            return torch.cat([model(x[i : i + 1], t[i : i + 1], c[0][None], c[1][None], skip_layers=skip)
+                              for i, c in enumerate(conds)])  # fmt: skip
+
+        return fn
+
+    # --- the encoders ---------------------------------------------------------------------------
+
+    def encoder_activation_bytes(self, role, encoder, prompts, dtype, quant) -> int:
+        from pascaline.runtime.memory import clip_activation_bytes, t5_activation_bytes
+
+        tokens = max(len(t.ids) for t in encoder.tokenize(list(prompts)))
+        estimate = t5_activation_bytes if role == "t5" else clip_activation_bytes
+        return estimate(encoder.config, tokens, dtype, quant, batch=len(prompts))
+
+    def encode(self, role, encoder, prompts) -> list:
+        return encoder.encode(list(prompts))
+
+    def assemble(self, outputs: Mapping[str, list], count: int) -> list:
+        from pascaline.formats.sd3_text import assemble_sd3
+
+        def of(role: str, i: int):
+            return outputs[role][i] if role in outputs else None
+
+        return [assemble_sd3(of("clip_l", i), of("clip_g", i), of("t5", i)) for i in range(count)]
+
+    def cond_tokens(self, cond) -> int:
+        return cond[0].shape[0]
+
+    def cond_to(self, cond, device, dtype):
+        return cond[0].to(device, dtype), cond[1].to(device, dtype)
+
+
+FAMILY = SD3()
