@@ -15,7 +15,7 @@ forward at 1024² with 154 context tokens (§2.8 [ESTIMATE]).
 
 from __future__ import annotations
 
-from pascaline.bench.counters import DTYPE_BYTES, QUANT_STORAGE, ForwardFlops
+from pascaline.bench.counters import DTYPE_BYTES, ForwardFlops, stored_bytes
 
 KINDS = ("dual", "joint", "last")  # the block kinds, each timed and extrapolated on its own
 
@@ -100,17 +100,9 @@ def block_weight_bytes(cfg, kind: str, storage: str, keep: str = "bf16") -> int:
     Quantized: the token-wise linears hold 1 byte per weight and an fp32 scale per output row
     (one per linear when per tensor), their biases, the adaLN linears and the norms stay in ``keep``.
     """
-    total = block_params(cfg, kind)
-    if storage in DTYPE_BYTES:
-        return total * DTYPE_BYTES[storage]
-    if storage not in QUANT_STORAGE:
-        known = sorted(DTYPE_BYTES) + sorted(QUANT_STORAGE)
-        raise ValueError(f"unknown storage {storage!r}; use one of {known}")
-    weight_bytes, scale_bytes = QUANT_STORAGE[storage]
     pairs = [p for ps in _linears(cfg, kind).values() for p in ps]
-    weights = sum(i * o for i, o in pairs)
-    scales = 4 * len(pairs) if scale_bytes is None else scale_bytes * sum(o for _, o in pairs)
-    return weights * weight_bytes + scales + (total - weights) * DTYPE_BYTES[keep]
+    weights, rows = sum(i * o for i, o in pairs), sum(o for _, o in pairs)
+    return stored_bytes(block_params(cfg, kind), weights, rows, len(pairs), storage, keep)
 
 
 def unit_bytes(cfg, storage: str, keep: str = "bf16") -> list[tuple[str, int]]:
