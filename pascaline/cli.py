@@ -457,9 +457,9 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--depth",
         metavar="N|full",
-        help="blocks to build (Z-Image: main layers, default 1 on CPU, 4 on CUDA, 'full' = 30 + 2 + 2; "
-        "SD3: joint blocks, at least one of each kind, default 2 or 3); s/it at full depth is "
-        "extrapolated from per-block times",
+        help="blocks to build (Z-Image: main layers, 1 on CPU, 4 on CUDA, 'full' = 30 + 2 + 2; SD3: "
+        "joint blocks incl. the last, at least one of each kind, 2 or 3 on CPU, 4 on CUDA); s/it at "
+        "full depth is extrapolated from per-block times",
     )
     p.add_argument("--resolution", type=int, metavar="PX", help="square image side (512 CPU, 1024 CUDA)")
     p.add_argument("--iterations", type=int, metavar="N", help="timed iterations per strategy")
