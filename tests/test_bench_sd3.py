@@ -1,6 +1,7 @@
 """`pascaline bench --model sd3.5-large`: MMDiT counters against hand arithmetic, the module and
 sd3-family.md, the per-family kits, a CFG-step run beside diffusers, and SD3 projections."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -117,14 +118,21 @@ def test_sd3_bench_run_beside_diffusers():
 
     strategies = ("resident", "streamed", "resident-int8", "streamed-w8a8")
     options = BenchOptions(model="sd3.5-large", quick=True, dim=128, device="cpu", strategies=strategies)
-    report = run_bench(options)
+    report = json.loads(json.dumps(run_bench(options)))  # what --json writes
+    assert set(report) == {"pascaline_version", "torch", "device", "config", "results", "baseline",
+                           "stages", "projection"}  # fmt: skip
     cfg = report["config"]
+    assert set(cfg) >= {"model", "model_label", "family", "batch", "depth_measured", "full_depth",
+                        "resolution", "caption_tokens", "iterations", "warmup", "stage_resolution", "dim",
+                        "synthetic"}  # fmt: skip
     assert (cfg["model"], cfg["family"], cfg["batch"]) == ("sd3.5-large", "sd3", 2)
     assert cfg["caption_tokens"] == 154 and cfg["dim"] == 128
     assert cfg["depth_measured"] == {"joint": 1, "last": 1} and cfg["full_depth"] == {"joint": 37, "last": 1}
     rows = {r["strategy"]: r for r in report["results"]}
     assert set(rows) == set(strategies)
     for r in rows.values():
+        assert set(r) >= {"compute_dtype", "quant", "peak_vram_bytes", "peak_vram_kind", "peak_rss_bytes",
+                          "budget_bytes", "h2d_bytes_per_it", "h2d_gbps", "overlap"}  # fmt: skip
         s = r["s_per_it"]
         assert 0 < s["min"] <= s["median"] <= s["max"] and r["full_depth_label"] == "extrapolated"
         if r["strategy"] in ("resident", "resident-int8"):  # CPU: per-block times from the timed iterations
@@ -140,6 +148,8 @@ def test_sd3_bench_run_beside_diffusers():
     assert base["max_abs_diff"] < 1e-4  # the same weights through SD3Transformer2DModel
     assert "SD3Transformer2DModel" in base["note"]
     assert [(s["name"], s["freed"]) for s in report["stages"]] == [("dit", True), ("vae", True)]
+    for stage in report["stages"]:
+        assert stage["seconds"] > 0 and stage["peak_rss_bytes"] > 0 and "peak_vram_bytes" in stage
     projected = report["projection"]
     assert {p["gpu"] for p in projected} == {"GTX 1070", "GTX 1660 Ti", "RTX 2060", "T4"}
     assert all(p["label"] == "projected" and p["batch"] == 2 for p in projected)
