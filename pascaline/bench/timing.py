@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +82,15 @@ def time_iterations(
     return samples
 
 
-@contextmanager
 def hooked_block_times(
+    model: torch.nn.Module, device: torch.device | str, kinds: tuple[str, ...]
+) -> AbstractContextManager[dict[str, list[float]]]:
+    """``hooked_group_times`` with one group per ModuleList of ``model`` named in ``kinds``."""
+    return hooked_group_times({kind: list(getattr(model, kind)) for kind in kinds}, device)
+
+
+@contextmanager
+def hooked_group_times(
     groups: Mapping[str, Sequence[torch.nn.Module]], device: torch.device | str
 ) -> Iterator[dict[str, list[float]]]:
     """Record the seconds of every call of the blocks in ``groups`` (group -> blocks) while open."""
@@ -133,7 +140,7 @@ def timed_with_blocks(
     iteration is run after the timed ones. ``on_timed`` runs right after the timed iterations.
     """
     if torch.device(device).type == "cpu":
-        with hooked_block_times(groups, device) as spent:
+        with hooked_group_times(groups, device) as spent:
             samples = time_iterations(fn, warmup=0, iterations=iterations, device=device, progress=progress)
         if on_timed is not None:
             on_timed()
@@ -141,7 +148,7 @@ def timed_with_blocks(
     samples = time_iterations(fn, warmup=0, iterations=iterations, device=device, progress=progress)
     if on_timed is not None:
         on_timed()
-    with hooked_block_times(groups, device) as spent:
+    with hooked_group_times(groups, device) as spent:
         fn()
     return samples, mean_times(spent)
 
