@@ -462,10 +462,13 @@ def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="measure s/it, stage memory and the diffusers baseline (no weights needed)",
-        description="Benchmark real-width Z-Image blocks with random weights: s/it per strategy, peak "
-        "VRAM and RAM, bytes streamed, a diffusers baseline on the same weights, per-stage memory, and "
-        "projections (a model, not a measurement) for GTX 1070, GTX 1660 Ti, RTX 2060 and T4.",
+        description="Benchmark real-width blocks of a model (Z-Image Turbo, SD3/SD3.5...) with random "
+        "weights: s/it per strategy, peak VRAM and RAM, bytes streamed, a diffusers baseline on the same "
+        "weights, per-stage memory, and projections (a model, not a measurement) for GTX 1070, GTX 1660 Ti, "
+        "RTX 2060 and T4.",
     )
+    p.add_argument("--model", metavar="NAME", help=f"the model to benchmark (default z-image-turbo): "
+                   f"{_variants_help()}")
     p.add_argument(
         "--strategies",
         metavar="LIST",
@@ -475,8 +478,9 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--depth",
         metavar="N|full",
-        help="main DiT layers to build (default 1 on CPU, 4 on CUDA; "
-        "'full' = 30 + 2 + 2; s/it at full depth is extrapolated from per-block times)",
+        help="blocks to build (Z-Image: main layers, 1 on CPU, 4 on CUDA, 'full' = 30 + 2 + 2; SD3: "
+        "joint blocks incl. the last, at least one of each kind, 2 or 3 on CPU, 4 on CUDA); s/it at "
+        "full depth is extrapolated from per-block times",
     )
     p.add_argument("--resolution", type=int, metavar="PX", help="square image side (512 CPU, 1024 CUDA)")
     p.add_argument("--iterations", type=int, metavar="N", help="timed iterations per strategy")
@@ -522,7 +526,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         strategies=strategies, depth=depth, resolution=args.resolution, iterations=args.iterations,
         warmup=args.warmup, vram_budget=parse_bytes(args.vram_budget) if args.vram_budget else None,
         device=args.device, quick=args.quick, baseline=not args.no_baseline, stages=not args.no_stages,
-        models=args.models, dim=args.dim,
+        models=args.models, model=args.model, dim=args.dim,
     )  # fmt: skip
 
     def progress(msg: str) -> None:

@@ -115,15 +115,20 @@ def block_weight_bytes(cfg, storage: str, keep: str = "bf16", modulated: bool = 
     norms and adaLN stay in ``keep`` (pascaline's quantize_ never touches them).
     """
     total = block_params(cfg, modulated)
+    return stored_bytes(total, block_linear_params(cfg), linear_out_rows(cfg), 5, storage, keep)
+
+
+def stored_bytes(params: int, linear: int, out_rows: int, linears: int, storage: str, keep: str) -> int:
+    """Bytes of ``params`` parameters stored as ``storage``, of which the ``linears`` quantizable
+    linears hold ``linear`` weights in ``out_rows`` output rows (see ``block_weight_bytes``)."""
     if storage in DTYPE_BYTES:
-        return total * DTYPE_BYTES[storage]
+        return params * DTYPE_BYTES[storage]
     if storage not in QUANT_STORAGE:
         known = sorted(DTYPE_BYTES) + sorted(QUANT_STORAGE)
         raise ValueError(f"unknown storage {storage!r}; use one of {known}")
     weight_bytes, scale_bytes = QUANT_STORAGE[storage]
-    linear = block_linear_params(cfg)
-    scales = 4 * 5 if scale_bytes is None else scale_bytes * linear_out_rows(cfg)
-    return linear * weight_bytes + scales + (total - linear) * DTYPE_BYTES[keep]
+    scales = 4 * linears if scale_bytes is None else scale_bytes * out_rows
+    return linear * weight_bytes + scales + (params - linear) * DTYPE_BYTES[keep]
 
 
 def dit_weight_bytes(cfg, storage: str, keep: str = "bf16", depth: tuple[int, int, int] | None = None) -> int:

@@ -1,7 +1,9 @@
 """Roofline projections of s/it on cards we cannot run here: a model, never a measurement.
 
-Per strategy, the time of one full-depth DiT forward is the largest of three floors, each
-computed from counted work (``pascaline.bench.counters``) and published peak rates:
+Per strategy, the time of one full-depth forward (one sampler step: for SD3 a CFG step, a
+batch of 2) of any family's diffusion model is the largest of three floors, each computed
+from the work its bench kit counts (``bench.counters``, ``bench.counters_sd3``) and
+published peak rates:
 
 - compute: linear FLOPs at the rate of the linear's arithmetic (int8 for W8A8, else the
   compute dtype) plus attention and the rest at the compute-dtype rate; a W8A8 linear's
@@ -14,7 +16,8 @@ computed from counted work (``pascaline.bench.counters``) and published peak rat
 
 ``bound`` names the largest. The compute dtype per card is ``runtime.device.compute_dtype``
 (fp32 on Pascal and GTX 16xx, fp16 on tensor-core Turing), the streamed plan is the real
-``plan_placement`` under ``default_budget``. Rates are peaks, so each figure is a floor.
+``plan_placement`` under ``default_budget`` with the family's own activation estimate.
+Rates are peaks, so each figure is a floor.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from dataclasses import dataclass
 
 from pascaline.bench import counters
 from pascaline.runtime.device import dtype_name
-from pascaline.runtime.memory import dit_activation_bytes
 
 TERA = 1e12
 GB = 1e9
@@ -83,6 +85,9 @@ class Projection:
     fits: bool
     resolution: int
     label: str = "projected"
+    model: str = ""  # the variant projected ("sd3.5-large")
+    batch: int = 1  # samples per forward: 2 = one CFG step as a batch
+    cond_tokens: int = 0  # caption / context tokens
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -106,21 +111,29 @@ def _compute_seconds(spec: GpuSpec, flops: counters.ForwardFlops, dtype: str, qu
     return linear + (flops.attention + flops.per_sample) / _rate(spec, dtype)
 
 
-def _placement(cfg, tokens, storage: str, dtype: str, budget: int, streamed: bool):
+@dataclass(frozen=True)
+class _Work:
+    """What is projected: the model of ``cfg`` (its kit and family) at a size, batch and text length."""
+
+    kit: object
+    cfg: object
+    resolution: int
+    cond_tokens: int
+    batch: int
+
+    def activations(self, dtype: str, quant: str | None) -> int:
+        res, family = self.resolution, self.kit.family
+        return family.dit_activation_bytes(self.cfg, res, res, self.cond_tokens, dtype, quant, self.batch)
+
+
+def _placement(work: _Work, storage: str, dtype: str, budget: int, streamed: bool):
     """(fits, streamed bytes per forward) under ``budget`` with the real planner."""
     from pascaline.errors import BudgetError
     from pascaline.offload.plan import plan_placement
 
-    r = cfg.n_refiner_layers
-    units = [(f"noise_refiner.{i}", counters.block_weight_bytes(cfg, storage, dtype, True)) for i in range(r)]
-    units += [
-        (f"context_refiner.{i}", counters.block_weight_bytes(cfg, storage, dtype, False)) for i in range(r)
-    ]
-    units += [
-        (f"layers.{i}", counters.block_weight_bytes(cfg, storage, dtype, True)) for i in range(cfg.n_layers)
-    ]
-    other = counters.other_params(cfg) * counters.DTYPE_BYTES[dtype]
-    activations = dit_activation_bytes(cfg, tokens, dtype, None if storage == dtype else storage)
+    units = work.kit.unit_bytes(work.cfg, storage, dtype)
+    other = work.kit.other_bytes(work.cfg, dtype)
+    activations = work.activations(dtype, None if storage == dtype else storage)
     if not streamed:
         return other + activations + sum(b for _, b in units) <= budget, 0
     try:
@@ -130,23 +143,36 @@ def _placement(cfg, tokens, storage: str, dtype: str, budget: int, streamed: boo
     return True, plan.streamed_bytes
 
 
+def _work(cfg, resolution: int, caption_tokens: int | None, batch: int | None) -> _Work:
+    """The kit of ``cfg``; unset text length and batch from the variant that suits ``cfg``."""
+    from pascaline.bench.kits import kit_of_config, step_batch
+
+    kit = kit_of_config(cfg)
+    family = kit.family
+    tokens = caption_tokens or family.typical_cond_tokens(cfg)
+    batch = batch or step_batch(family, family.variant(family.guess_variant(cfg)))
+    return _Work(kit, cfg, resolution, tokens, batch)
+
+
 def project(
-    cfg, spec: GpuSpec, strategy: str, quant: str | None, *, resolution: int = 1024, caption_tokens: int = 64
+    cfg, spec: GpuSpec, strategy: str, quant: str | None, *, resolution: int = 1024,
+    caption_tokens: int | None = None, batch: int | None = None, model: str = "",
 ) -> Projection:
-    """Projected s/it of a full-depth forward of ``cfg`` on ``spec``; ``strategy``: resident | streamed."""
+    """Projected s/it of a full-depth forward of ``cfg`` on ``spec``; ``strategy``: resident | streamed.
+
+    ``caption_tokens`` and ``batch`` default to the family's typical prompt and its step's batch
+    (2 for a CFG step of a family that batches guidance: SD3)."""
     from pascaline.runtime.device import DeviceCaps, compute_dtype, default_budget
 
+    work = _work(cfg, resolution, caption_tokens, batch)
     caps = DeviceCaps.preset(spec.preset)
     dtype = dtype_name(compute_dtype(caps, "dit"))
     storage = quant or dtype
-    tokens = counters.token_counts(cfg, resolution, resolution, caption_tokens)
-    flops = counters.forward_flops(cfg, tokens)
-    fits, streamed_bytes = _placement(
-        cfg, tokens, storage, dtype, default_budget(caps), strategy == "streamed"
-    )
+    flops = work.kit.forward_flops(cfg, resolution, work.cond_tokens, work.batch)
+    fits, streamed_bytes = _placement(work, storage, dtype, default_budget(caps), strategy == "streamed")
     times = {
         "compute": _compute_seconds(spec, flops, dtype, quant),
-        "memory": counters.dit_weight_bytes(cfg, storage, dtype) / (spec.vram_gbs * GB),
+        "memory": work.kit.weight_bytes(cfg, storage, dtype) / (spec.vram_gbs * GB),
         "pcie": streamed_bytes / (spec.pcie_gbs * GB),
     }
     bound = max(times, key=times.get) if fits else None
@@ -163,15 +189,16 @@ def project(
         streamed_bytes,
         fits,
         resolution,
+        model=model,
+        batch=work.batch,
+        cond_tokens=work.cond_tokens,
     )
 
 
 def project_all(
-    cfg, strategies: list[tuple[str, str | None]], *, resolution: int = 1024, caption_tokens: int = 64
+    cfg, strategies: list[tuple[str, str | None]], *, resolution: int = 1024,
+    caption_tokens: int | None = None, batch: int | None = None, model: str = "",
 ) -> list[Projection]:
     """``project`` for every card in ``GPUS`` and every ``(strategy, quant)`` pair."""
-    return [
-        project(cfg, spec, s, q, resolution=resolution, caption_tokens=caption_tokens)
-        for spec in GPUS
-        for s, q in strategies
-    ]
+    kw = {"resolution": resolution, "caption_tokens": caption_tokens, "batch": batch, "model": model}
+    return [project(cfg, spec, s, q, **kw) for spec in GPUS for s, q in strategies]

@@ -5,16 +5,19 @@ budget or the device default; the scheme as its quantization), runs one untimed 
 ``warmup`` steps, then one image of ``iterations`` steps; every sampler step is one DiT
 forward, timed between the pipeline's step reports (device synchronized). Stages are the
 pipeline's own ledger records. No diffusers baseline: it would need a second copy of the
-weights in memory.
+weights in memory. Any family runs: the folder's family (or ``--model``'s) gives the
+diffusion model's config, read from the tensor shapes of its file.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
 from pascaline.bench.timing import Stats, synchronize
+from pascaline.runtime.device import dtype_name
 
 PROMPT = "a lighthouse at dusk, volumetric light, 35mm photograph"
 
@@ -56,8 +59,8 @@ def measure_real(models: str, name: str, placement: str, quant: str | None, ctx)
 
     clock = _StepClock(ctx.device)
     budget = None if placement == "resident" else (ctx.vram_budget or "auto")
-    pipe = load_pipeline(models, device=str(ctx.device), vram_budget=budget, quant=quant or "none",
-                         keep_loaded=True, progress=clock)  # fmt: skip
+    pipe = load_pipeline(models, model=ctx.variant.name, device=str(ctx.device), vram_budget=budget,
+                         quant=quant or "none", keep_loaded=True, progress=clock)  # fmt: skip
     size = {"width": ctx.resolution, "height": ctx.resolution, "seed": 0, "output": "latent"}
     if ctx.warmup:
         pipe.generate(PROMPT, steps=ctx.warmup, **size)
@@ -68,7 +71,7 @@ def measure_real(models: str, name: str, placement: str, quant: str | None, ctx)
     stats = Stats.of(clock.samples())
     row = {
         "strategy": name,
-        "compute_dtype": {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],
+        "compute_dtype": dtype_name(dtype),
         "quant": quant,
         "s_per_it": stats.as_dict(),
         "s_per_it_full_depth": stats.median,
@@ -83,3 +86,37 @@ def measure_real(models: str, name: str, placement: str, quant: str | None, ctx)
         "plans": dict(report.plans),
     }
     return row, _stage_rows(report.stages, ctx.device.type == "cuda")
+
+
+def _real_model(options):
+    """``(family, variant, config)`` of the diffusion model in ``options.models``."""
+    from pascaline.families import resolve_variant
+    from pascaline.runtime.discovery import find_model_files
+
+    family = resolve_variant(options.model)[0] if options.model else None
+    files = find_model_files(options.models, family=family)
+    cfg = files.family.dit_config(files.where("dit"))
+    variant = files.family.variant(options.model or files.family.guess_variant(cfg))
+    return files.family, variant, cfg
+
+
+def run_real(options, progress=None) -> dict:
+    """``--models DIR``: every strategy through the real pipeline on the weights in ``DIR``."""
+    from pascaline.bench.runner import config_of, no_baseline, parse_strategy, report_of, resolve
+    from pascaline.runtime.device import DeviceCaps, check_torch_supports, default_quant
+
+    caps = DeviceCaps.probe(options.device)
+    check_torch_supports(caps)
+    quant = default_quant(caps)
+    default = ("resident",) if not caps.is_cuda else (f"streamed-{quant}" if quant else "streamed",)
+    options = replace(options, strategies=options.strategies or default, depth="full", dim=None)
+    ctx = resolve(options, caps, real=_real_model(options))
+    results, stages = [], []
+    for name in ctx.strategies:
+        if progress:
+            progress(f"strategy {name} (real weights)")
+        row, stages = measure_real(options.models, name, *parse_strategy(name), ctx)
+        results.append(row)
+    baseline = no_baseline("no diffusers baseline with --models (it would hold a second copy of the weights)")
+    config = config_of(ctx, options) | {"synthetic": False, "stage_resolution": ctx.resolution}
+    return report_of(ctx, caps, config, results, baseline, stages)

@@ -4,15 +4,22 @@ Schema (every key always present; a figure that does not apply is ``null``)::
 
     pascaline_version, torch,
     device {name, capability, total_vram_bytes},
-    config {depth_measured, resolution, caption_tokens, iterations, warmup, full_depth,
-            stage_resolution, dim, synthetic},
+    config {model, model_label, family, batch, depth_measured, resolution, caption_tokens,
+            iterations, warmup, full_depth, stage_resolution, dim, synthetic},
     results [ {strategy, compute_dtype, quant, s_per_it {median, min, max},
                s_per_it_full_depth, full_depth_label, peak_vram_bytes, peak_vram_kind,
                peak_rss_bytes, budget_bytes, h2d_bytes_per_it, h2d_gbps, overlap} ],
     baseline {diffusers: {<strategy>: {...same fields...}} | null, ratio: {<our strategy>: x},
               version, max_abs_diff, note},
     stages [ {name, seconds, peak_vram_bytes, peak_rss_bytes, freed} ],
-    projection [ {gpu, strategy, s_per_it, bound, ...} ]
+    projection [ {gpu, strategy, s_per_it, bound, ..., model, batch, cond_tokens} ]
+
+``model`` is the variant benchmarked (``z-image-turbo``, ``sd3.5-large``...), ``family`` its
+family; ``depth_measured`` and ``full_depth`` count the blocks per group that the family's
+bench kit times apart (Z-Image: layers, noise_refiner, context_refiner; SD3: joint, last
+and, for SD3.5 Medium, dual). ``batch`` is the samples of one iteration: one sampler step,
+2 for a CFG step run as one batch (SD3), 1 otherwise; ``caption_tokens`` the conditioning
+length (SD3: context tokens).
 
 ``s_per_it_full_depth`` is extrapolated from per-block times when the measured depth is
 reduced (``full_depth_label`` says "extrapolated" or "measured"). ``peak_vram_kind`` is
@@ -121,11 +128,21 @@ def _results_table(report: dict) -> list[str]:
     return _rows(header, rows)
 
 
+def _model_line(cfg: dict) -> str:
+    from pascaline.bench.kits import get_kit
+
+    kit, res = get_kit(cfg["family"]), cfg["resolution"]
+    label = f"{cfg['model_label']} {kit.model_label}"
+    batch = f"batch {cfg['batch']} (one CFG step), " if cfg["batch"] > 1 else ""
+    return (f"{label}: {kit.describe_blocks(cfg['depth_measured'], cfg['full_depth'])}, width {cfg['dim']}, "
+            f"{res}x{res}, {batch}{cfg['caption_tokens']} {kit.cond_name} tokens, "
+            f"{cfg['warmup']} warm-up + {cfg['iterations']} timed iterations"
+            + ("" if cfg["synthetic"] else " (real weights)"))  # fmt: skip
+
+
 def format_table(report: dict) -> str:
     """The human-readable report: measured results, baseline, stages, projections."""
     cfg, dev = report["config"], report["device"]
-    depth, full = cfg["depth_measured"], cfg["full_depth"]
-    res = cfg["resolution"]
     lines = [
         f"pascaline {report['pascaline_version']} bench | torch {report['torch']} | {dev['name']}"
         + (
@@ -133,14 +150,13 @@ def format_table(report: dict) -> str:
             if dev["capability"]
             else ""
         ),
-        f"DiT: {depth['layers']} main + {depth['noise_refiner']} + {depth['context_refiner']} refiner blocks "
-        f"(full: {full['layers']} + {full['noise_refiner']} + {full['context_refiner']}), "
-        f"width {cfg['dim']}, {res}x{res}, {cfg['caption_tokens']} caption tokens, "
-        f"{cfg['warmup']} warm-up + {cfg['iterations']} timed iterations"
-        + ("" if cfg["synthetic"] else " (real weights)"),
+        _model_line(cfg),
         "",
     ]
     lines += _results_table(report)
+    if cfg["batch"] > 1:
+        lines.append(f"s/it: one CFG step, the positive and negative prompts as one batch of {cfg['batch']} "
+                     "(what the pipeline runs when it fits)")
     lines.append(
         "full depth s/it: extrapolated from per-block times of the measured blocks"
         if report["results"] and report["results"][0]["full_depth_label"] == "extrapolated"
@@ -166,11 +182,13 @@ def format_table(report: dict) -> str:
             ],
         )
     if report["projection"]:
-        res = report["projection"][0]["resolution"]
+        first = report["projection"][0]
+        res, batch = first["resolution"], first["batch"]
+        step = f", batch {batch} (one CFG step)" if batch > 1 else ""
         lines += [
             "",
-            f"PROJECTED full-depth s/it at {res}x{res} (roofline at published peak rates: "
-            "a model, not a measurement):",
+            f"PROJECTED full-depth s/it at {res}x{res}{step}, {first['cond_tokens']} text tokens (roofline "
+            "at published peak rates: a model, not a measurement):",
         ]
         lines += _rows(
             ["gpu", "strategy", "dtype", "projected s/it", "bound"],

@@ -1,5 +1,10 @@
 """``run_bench(options) -> dict``: every strategy, the diffusers baseline, stages, projections.
 
+The model is a variant of any family (``--model``, default ``z-image-turbo``); what the run
+needs of it (configs, builds, inputs, the diffusers twin, counted work) comes from the
+family's bench kit (``bench.kits``). One iteration is one sampler step: a forward of the
+step's batch (2 for a CFG step of a family that batches guidance, such as SD3).
+
 A strategy is ``<placement>[-<scheme>]``: placement ``resident`` (the whole model on the
 compute device) or ``streamed`` (blocks streamed by ``BlockStreamer`` under a budget),
 scheme one of pascaline's quantization schemes (``int8``, ``w8a8``, ``fp8-e4m3``,
@@ -12,12 +17,12 @@ from __future__ import annotations
 import gc
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from pascaline.bench import counters, synthetic
 from pascaline.bench.baseline import diffusers_strategies, diffusers_version, run_diffusers
+from pascaline.bench.kits import BenchKit, get_kit, step_batch
 from pascaline.bench.projection import project_all
 from pascaline.bench.report import build_report
 from pascaline.bench.timing import (
@@ -29,17 +34,19 @@ from pascaline.bench.timing import (
     warm_up,
 )
 from pascaline.errors import InvalidArgumentError
-from pascaline.offload.plan import module_nbytes
+from pascaline.families.base import Family, Variant
+from pascaline.offload.plan import module_nbytes, packed_nbytes
 from pascaline.runtime.device import dtype_name
-from pascaline.runtime.memory import dit_activation_bytes
 
 OWN_SCHEMES = ("int8", "w8a8", "fp8-e4m3", "fp8-e5m2")
 BACKEND_SCHEMES = {"bnb-nf4": "bitsandbytes", "bnb-llm-int8": "bitsandbytes",
                    "quanto-qint8": "optimum.quanto", "quanto-qfloat8": "optimum.quanto"}  # fmt: skip
 PLACEMENTS = ("resident", "streamed")
+DEFAULT_MODEL = "z-image-turbo"
 # (device kind, quick) -> resolution, depth, warm-up, iterations, strategies. The CPU rows
 # keep a run near 2 min (default) and well under 1 min (--quick) on 2 cores: a real-width
-# block at 512² costs ~0.4 TFLOP, ~6 s at the ~65 GFLOP/s fp32 such a CPU sustains.
+# block at 512² costs ~0.4 TFLOP, ~6 s at the ~65 GFLOP/s fp32 such a CPU sustains. A kit
+# that needs more blocks to time every kind of block raises the depth (``min_depth``).
 DEFAULTS = {
     ("cpu", False): (512, 1, 1, 2, ("resident", "streamed")),
     ("cpu", True): (128, 1, 1, 2, ("resident", "streamed")),
@@ -52,7 +59,7 @@ STAGE_RESOLUTION = {("cpu", False): 256, ("cpu", True): 128, ("cuda", False): 10
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """What ``pascaline bench`` was asked for; ``None`` means the device's default."""
+    """What ``pascaline bench`` was asked for; ``None`` means the device's (or the model's) default."""
 
     strategies: tuple[str, ...] | None = None
     depth: int | str | None = None
@@ -65,14 +72,15 @@ class BenchOptions:
     baseline: bool = True
     stages: bool = True
     models: str | None = None
+    model: str | None = None  # a variant name; None: z-image-turbo (with --models: the folder's)
     dim: int | None = None  # width override, for tests only
-    caption_tokens: int = synthetic.CAPTION_TOKENS
+    caption_tokens: int | None = None  # None: the family's typical prompt length
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class BenchContext:
-    """Resolved options plus the device facts every measurement needs."""
+    """Resolved options plus the model's and the device's facts every measurement needs."""
 
     device: torch.device
     cfg: object
@@ -89,6 +97,11 @@ class BenchContext:
     vram_budget: int | None
     caption_tokens: int
     seed: int
+    family: Family
+    variant: Variant
+    kit: BenchKit
+    batch: int  # samples per forward: 2 for a CFG step run as one batch
+    real_width: bool  # False with a test width (--dim)
 
 
 def installed_backends() -> tuple[str, ...]:
@@ -117,10 +130,24 @@ def parse_strategy(name: str) -> tuple[str, str | None]:
     return placement, scheme or None
 
 
-def resolve(options: BenchOptions, caps) -> BenchContext:
-    """Fill the device's defaults into ``options``."""
+def _configs(kit: BenchKit, full, depth, dim: int | None):
+    """(the measured config, the full-depth config) of ``full`` at ``depth`` and width ``dim``."""
+    try:
+        return kit.config(full, depth, dim), kit.config(full, "full", dim)
+    except ValueError as exc:
+        raise InvalidArgumentError(
+            f"--depth takes a number of blocks >= {kit.min_depth(full)} or 'full' ({exc}).") from None
+
+
+def resolve(options: BenchOptions, caps, real: tuple | None = None) -> BenchContext:
+    """Fill the device's and the model's defaults into ``options``.
+
+    ``real``: ``(family, variant, config)`` of real weights (``--models``), measured as they are."""
+    from pascaline.families import resolve_variant
     from pascaline.runtime.device import compute_dtype
 
+    family, variant, full_cfg = real or (*resolve_variant(options.model or DEFAULT_MODEL), None)
+    kit = get_kit(family.name)
     kind = "cuda" if caps.is_cuda else "cpu"
     resolution, depth, warmup, iterations, strategies = DEFAULTS[(kind, options.quick)]
     strategies = options.strategies or strategies
@@ -131,47 +158,43 @@ def resolve(options: BenchOptions, caps) -> BenchContext:
     resolution = options.resolution or resolution
     if resolution % 16 or resolution < 64:
         raise InvalidArgumentError(f"--resolution {resolution} must be a multiple of 16 and at least 64.")
-    depth = options.depth if options.depth is not None else depth
-    try:
-        cfg = synthetic.dit_config(depth, options.dim)
-    except ValueError as exc:
-        raise InvalidArgumentError(f"--depth takes a number of main layers >= 1 or 'full' ({exc}).") from None
+    full = full_cfg or variant.dit_config
+    depth = options.depth if options.depth is not None else max(depth, kit.min_depth(full))
+    cfg, full = (full_cfg, full_cfg) if full_cfg is not None else _configs(kit, full, depth, options.dim)
+    family.check_size(cfg, resolution, resolution)
+    cond_tokens = options.caption_tokens or family.typical_cond_tokens(cfg)
     stage_res = min(resolution, STAGE_RESOLUTION[(kind, options.quick)])
     return BenchContext(
-        torch.device(caps.device), cfg, synthetic.dit_config("full", options.dim), resolution, stage_res,
-        depth, options.warmup if options.warmup is not None else warmup,
-        options.iterations or iterations, tuple(dict.fromkeys(strategies)), compute_dtype(caps, "dit"),
-        compute_dtype(caps, "encoder"), compute_dtype(caps, "vae"), options.vram_budget,
-        options.caption_tokens, options.seed,
+        torch.device(caps.device), cfg, full, resolution, stage_res, depth,
+        options.warmup if options.warmup is not None else warmup, options.iterations or iterations,
+        tuple(dict.fromkeys(strategies)), compute_dtype(caps, "dit"), compute_dtype(caps, "encoder"),
+        compute_dtype(caps, "vae"), options.vram_budget, cond_tokens, options.seed, family, variant, kit,
+        step_batch(family, variant), options.dim is None or full_cfg is not None,
     )  # fmt: skip
 
 
-def _depths(cfg) -> dict[str, int]:
-    return {"layers": cfg.n_layers, "noise_refiner": cfg.n_refiner_layers,
-            "context_refiner": cfg.n_refiner_layers}  # fmt: skip
-
-
 def _full_depth(ctx: BenchContext, median: float, per_block: dict[str, float]) -> tuple[float, str]:
-    measured, full = _depths(ctx.cfg), _depths(ctx.full_cfg)
+    measured, full = ctx.kit.depths(ctx.cfg), ctx.kit.depths(ctx.full_cfg)
     if measured == full:
         return median, "measured"
     return extrapolate(median, per_block, measured, full), "extrapolated"
 
 
-def _tokens(ctx: BenchContext) -> counters.TokenCounts:
-    return counters.token_counts(ctx.cfg, ctx.resolution, ctx.resolution, ctx.caption_tokens)
-
-
 def _activations(ctx: BenchContext, quant: str | None) -> int:
-    return dit_activation_bytes(ctx.cfg, _tokens(ctx), dtype_name(ctx.dit_dtype), quant)
+    res = ctx.resolution
+    return ctx.family.dit_activation_bytes(ctx.cfg, res, res, ctx.caption_tokens, ctx.dit_dtype, quant,
+                                           ctx.batch)  # fmt: skip
 
 
 def tight_budget(model, ctx: BenchContext, quant: str | None = None) -> int:
-    """The smallest budget that streams every block through two slots: an 8 GB card's regime."""
+    """The smallest budget that streams every block through two slots: an 8 GB card's regime.
+
+    A model of two blocks gets one slot: two slots would hold both, and nothing would stream."""
     from pascaline.offload.plan import other_nbytes, unit_sizes
 
-    activations = _activations(ctx, quant)
-    return other_nbytes(model) + activations + 2 * max(b for _, b in unit_sizes(model)) + (1 << 20)
+    sizes = [b for _, b in unit_sizes(model)]
+    slots = max(1, min(2, len(sizes) - 1))
+    return other_nbytes(model) + _activations(ctx, quant) + slots * max(sizes) + (1 << 20)
 
 
 def _placed(model, placement: str, quant: str | None, ctx: BenchContext):
@@ -187,21 +210,21 @@ def _placed(model, placement: str, quant: str | None, ctx: BenchContext):
     return streamer.attach_(), budget
 
 
+def inputs_of(ctx: BenchContext, device, resolution: int | None = None, cond=None) -> tuple:
+    """The seeded inputs of one forward (one sampler step) of the run's model."""
+    return ctx.kit.inputs(ctx.cfg, resolution or ctx.resolution, batch=ctx.batch,
+                          cond_tokens=ctx.caption_tokens, dtype=ctx.dit_dtype, device=device, seed=ctx.seed,
+                          cond=cond)  # fmt: skip
+
+
 def measure(model, name: str, ctx: BenchContext, progress=None) -> tuple[dict, torch.Tensor]:
     """Time one strategy on ``model``; returns (its result row, the last output on the CPU)."""
     placement, quant = parse_strategy(name)
-    x, t, caps = synthetic.dit_inputs(
-        ctx.cfg,
-        ctx.resolution,
-        dtype=ctx.dit_dtype,
-        device=ctx.device,
-        caption_tokens=ctx.caption_tokens,
-        seed=ctx.seed,
-    )
+    inputs = inputs_of(ctx, ctx.device)
     last: list[torch.Tensor] = []
 
     def fwd() -> None:
-        last[:] = [model(x, t, caps)]
+        last[:] = [ctx.kit.forward(model, inputs)]
 
     streamer, budget = _placed(model, placement, quant, ctx)
     try:
@@ -210,9 +233,10 @@ def measure(model, name: str, ctx: BenchContext, progress=None) -> tuple[dict, t
             if streamer is not None:
                 streamer.reset_stats()
             timed: list = [None]  # the streamer's figures over the timed iterations only
+            on_timed = None if streamer is None else lambda: timed.__setitem__(0, streamer.stats)
             samples, per_block = timed_with_blocks(
-                model, fwd, iterations=ctx.iterations, device=ctx.device, progress=progress,
-                on_timed=None if streamer is None else lambda: timed.__setitem__(0, streamer.stats),
+                ctx.kit.block_groups(model), fwd, iterations=ctx.iterations, device=ctx.device,
+                progress=progress, on_timed=on_timed,
             )  # fmt: skip
             stream = timed[0]
             output = last[0].float().cpu()
@@ -227,7 +251,7 @@ def measure(model, name: str, ctx: BenchContext, progress=None) -> tuple[dict, t
 def _row(name, quant, ctx, samples, per_block, rss_peak, vram_peak, budget, stream, model) -> dict:
     stats = Stats.of(samples)
     if stream is not None and stream.h2d_gbps:
-        per_block = _copy_bound(model, per_block, stream.h2d_gbps)
+        per_block = _copy_bound(ctx.kit.block_groups(model), per_block, stream.h2d_gbps)
     full, label = _full_depth(ctx, stats.median, per_block)
     cuda = ctx.device.type == "cuda"
     own_peak = module_nbytes(model) if stream is None else stream.peak_device_bytes
@@ -251,59 +275,42 @@ def _row(name, quant, ctx, samples, per_block, rss_peak, vram_peak, budget, stre
     }
 
 
-def _copy_bound(model, per_block: dict[str, float], gbps: float) -> dict[str, float]:
+def _copy_bound(groups: dict[str, list], per_block: dict[str, float], gbps: float) -> dict[str, float]:
     """Per-block times of a streamed run: a block costs at least its copy at the measured rate.
 
     The hooked iteration synchronizes before each block, so its copy is not in the block's
     time; at full depth the copies, not the compute, can set the pace.
     """
-    from pascaline.offload.plan import unit_sizes
-
-    sizes: dict[str, list[int]] = {}
-    for name, nbytes in unit_sizes(model):
-        sizes.setdefault(name.rsplit(".", 1)[0], []).append(nbytes)
-    return {k: max(t, sum(sizes[k]) / len(sizes[k]) / (gbps * 1e9)) for k, t in per_block.items()}
+    size = {k: sum(packed_nbytes(b) for b in blocks) / len(blocks) for k, blocks in groups.items()}
+    return {k: max(t, size[k] / (gbps * 1e9)) for k, t in per_block.items()}
 
 
 def _build(ctx: BenchContext, quant: str | None):
     if quant in BACKEND_SCHEMES:
         from pascaline.quant import quantize_, scheme_from_name
 
-        model = synthetic.build_dit(ctx.cfg, dtype=ctx.dit_dtype, seed=ctx.seed)
+        model = ctx.kit.build(ctx.cfg, dtype=ctx.dit_dtype, seed=ctx.seed)
         return quantize_(model, scheme_from_name(quant))
-    return synthetic.build_dit(ctx.cfg, dtype=ctx.dit_dtype, quant=quant, seed=ctx.seed)
+    return ctx.kit.build(ctx.cfg, dtype=ctx.dit_dtype, quant=quant, seed=ctx.seed)
+
+
+def no_baseline(note: str) -> dict:
+    return {"diffusers": None, "ratio": {}, "version": diffusers_version(), "max_abs_diff": None,
+            "note": note}  # fmt: skip
 
 
 def _baseline(model, ctx: BenchContext, ours: torch.Tensor | None, progress) -> dict:
     version = diffusers_version()
     if version is None:
-        return {
-            "diffusers": None,
-            "ratio": {},
-            "version": None,
-            "max_abs_diff": None,
-            "note": "diffusers is not installed (pip install diffusers) - no baseline",
-        }
+        return no_baseline("diffusers is not installed (pip install diffusers) - no baseline")
     runs, diff = {}, None
     for strategy in diffusers_strategies(ctx.device):
         if progress:
             progress(f"diffusers {strategy}")
         figures, output = run_diffusers(
-            model,
-            strategy,
-            synthetic.dit_inputs(
-                ctx.cfg,
-                ctx.resolution,
-                dtype=ctx.dit_dtype,
-                device="cpu",
-                caption_tokens=ctx.caption_tokens,
-                seed=ctx.seed,
-            ),
-            device=ctx.device,
-            warmup=ctx.warmup,
-            iterations=ctx.iterations,
-            progress=progress,
-        )
+            ctx.kit, model, strategy, inputs_of(ctx, "cpu"), device=ctx.device, warmup=ctx.warmup,
+            iterations=ctx.iterations, progress=progress,
+        )  # fmt: skip
         figures["s_per_it_full_depth"], figures["full_depth_label"] = _full_depth(
             ctx, figures["s_per_it"]["median"], figures.pop("per_block_s")
         )
@@ -316,7 +323,8 @@ def _baseline(model, ctx: BenchContext, ours: torch.Tensor | None, progress) -> 
         "ratio": {},
         "version": version,
         "max_abs_diff": diff,
-        "note": "same weights (views of ours) in diffusers' ZImageTransformer2DModel; ratio = ours / theirs",
+        "note": f"same weights (views of ours) in diffusers' {ctx.kit.diffusers_class}; "
+        "ratio = ours / theirs",
     }
 
 
@@ -340,9 +348,8 @@ def _run_strategies(ctx: BenchContext, want_baseline: bool, progress) -> tuple[l
         by_scheme = {None: [], **by_scheme}  # the baseline needs the float model
     for quant, names in by_scheme.items():
         if progress:
-            progress(
-                f"building a {ctx.cfg.n_layers}-layer real-width DiT ({quant or dtype_name(ctx.dit_dtype)})"
-            )
+            blocks, what = sum(ctx.kit.depths(ctx.cfg).values()), quant or dtype_name(ctx.dit_dtype)
+            progress(f"building a {blocks}-block real-width {ctx.kit.model_label} ({what})")
         model, ours = _build(ctx, quant), None
         for name in names:
             if progress:
@@ -354,13 +361,7 @@ def _run_strategies(ctx: BenchContext, want_baseline: bool, progress) -> tuple[l
             baseline = _baseline(model, ctx, ours, progress)
         del model
         gc.collect()
-    return results, baseline or {
-        "diffusers": None,
-        "ratio": {},
-        "version": diffusers_version(),
-        "max_abs_diff": None,
-        "note": "baseline skipped (--no-baseline)",
-    }
+    return results, baseline or no_baseline("baseline skipped (--no-baseline)")
 
 
 def _device_info(caps) -> dict:
@@ -371,33 +372,57 @@ def _device_info(caps) -> dict:
     }
 
 
-def _config(ctx: BenchContext, options: BenchOptions) -> dict:
+def config_of(ctx: BenchContext, options: BenchOptions) -> dict:
+    """The report's ``config`` section."""
     return {
-        "depth_measured": _depths(ctx.cfg),
-        "full_depth": _depths(ctx.full_cfg),
+        "model": ctx.variant.name,
+        "model_label": ctx.variant.label,
+        "family": ctx.family.name,
+        "batch": ctx.batch,
+        "depth_measured": ctx.kit.depths(ctx.cfg),
+        "full_depth": ctx.kit.depths(ctx.full_cfg),
         "resolution": ctx.resolution,
         "caption_tokens": ctx.caption_tokens,
         "iterations": ctx.iterations,
         "warmup": ctx.warmup,
         "stage_resolution": ctx.stage_resolution if options.stages else None,
-        "dim": ctx.cfg.dim,
+        "dim": ctx.kit.width(ctx.cfg),
         "strategies": list(ctx.strategies),
         "quick": options.quick,
         "synthetic": True,
     }
 
 
-def _projection(ctx: BenchContext) -> list[dict]:
+def projection_of(ctx: BenchContext) -> list[dict]:
+    """The report's ``projection`` section: every placement and scheme of the run's model, full depth."""
     pairs = [(p, None) for p in PLACEMENTS] + [(p, s) for s in OWN_SCHEMES for p in PLACEMENTS]
-    return [p.as_dict() for p in project_all(ctx.full_cfg, pairs, caption_tokens=ctx.caption_tokens)]
+    projections = project_all(ctx.full_cfg, pairs, caption_tokens=ctx.caption_tokens, batch=ctx.batch,
+                              model=ctx.variant.name)  # fmt: skip
+    return [p.as_dict() for p in projections]
+
+
+def report_of(ctx: BenchContext, caps, config: dict, results, baseline, stages) -> dict:
+    import pascaline
+
+    return build_report(
+        version=pascaline.__version__,
+        torch_version=torch.__version__,
+        device=_device_info(caps),
+        config=config,
+        results=results,
+        baseline=baseline,
+        stages=stages,
+        projection=projection_of(ctx),
+    )
 
 
 def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark ``options`` describe and return the report dict (see ``bench.report``)."""
-    import pascaline
     from pascaline.runtime.device import DeviceCaps, check_torch_supports
 
     if options.models is not None:
+        from pascaline.bench.real import run_real
+
         return run_real(options, progress)
     caps = DeviceCaps.probe(options.device)
     check_torch_supports(caps)
@@ -409,60 +434,5 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
     if options.stages:
         from pascaline.bench.stages import run_stages
 
-        stages = run_stages(replace(ctx, cfg=ctx.cfg), progress)
-    return build_report(
-        version=pascaline.__version__,
-        torch_version=torch.__version__,
-        device=_device_info(caps),
-        config=_config(ctx, options),
-        results=results,
-        baseline=baseline,
-        stages=stages,
-        projection=_projection(ctx),
-    )
-
-
-def _real_config(models: str):
-    from pascaline.formats.zimage_dit import canonical_shapes, infer_dit_config, open_dit_source
-    from pascaline.runtime.discovery import find_model_files
-
-    return infer_dit_config(canonical_shapes(open_dit_source(find_model_files(models).dit).shapes()))
-
-
-def run_real(options: BenchOptions, progress=None) -> dict:
-    """``--models DIR``: every strategy through the real pipeline on the weights in ``DIR``."""
-    import pascaline
-    from pascaline.bench.real import measure_real
-    from pascaline.runtime.device import DeviceCaps, check_torch_supports, default_quant
-
-    caps = DeviceCaps.probe(options.device)
-    check_torch_supports(caps)
-    quant = default_quant(caps)
-    default = ("resident",) if not caps.is_cuda else (f"streamed-{quant}" if quant else "streamed",)
-    ctx = resolve(replace(options, strategies=options.strategies or default, depth="full", dim=None), caps)
-    cfg = _real_config(options.models)
-    ctx = replace(ctx, cfg=cfg, full_cfg=cfg)
-    results, stages = [], []
-    for name in ctx.strategies:
-        if progress:
-            progress(f"strategy {name} (real weights)")
-        row, stages = measure_real(options.models, name, *parse_strategy(name), ctx)
-        results.append(row)
-    baseline = {
-        "diffusers": None,
-        "ratio": {},
-        "version": diffusers_version(),
-        "max_abs_diff": None,
-        "note": "no diffusers baseline with --models (it would hold a second copy of the weights)",
-    }
-    config = _config(ctx, options) | {"synthetic": False, "stage_resolution": ctx.resolution}
-    return build_report(
-        version=pascaline.__version__,
-        torch_version=torch.__version__,
-        device=_device_info(caps),
-        config=config,
-        results=results,
-        baseline=baseline,
-        stages=stages,
-        projection=_projection(ctx),
-    )
+        stages = run_stages(ctx, progress)
+    return report_of(ctx, caps, config_of(ctx, options), results, baseline, stages)

@@ -1,9 +1,10 @@
 """The stage run: a synthetic pipeline (encoder -> DiT -> VAE decode) under the memory ledger.
 
-Each stage builds its real-width random model on the compute device, runs it once on the
-previous stage's output, and drops it. The ledger tracks every tensor of the model, so a
-stage whose model (or any of its tensors) survives the stage is reported as not freed;
-on CUDA the allocator's own count is checked as well.
+Each stage builds its real-width random model on the compute device (the family's bench
+kit says which), runs it once on the previous stage's output, and drops it; a kit with no
+encoder model runs the DiT on random conditioning. The ledger tracks every tensor of the
+model, so a stage whose model (or any of its tensors) survives the stage is reported as
+not freed; on CUDA the allocator's own count is checked as well.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from pascaline.bench import synthetic
 from pascaline.bench.timing import PeakRss
-
-ENCODER_LAYERS = 2
 
 
 def _track(ledger, owner: str, model: torch.nn.Module) -> None:
@@ -24,39 +22,35 @@ def _track(ledger, owner: str, model: torch.nn.Module) -> None:
         ledger.track(owner, tensor)
 
 
-def _encoder_stage(ledger, ctx) -> torch.Tensor:
+def _encoder_stage(ledger, ctx):
     with ledger.stage("encoder") as record:
-        model = synthetic.build_encoder(
-            ENCODER_LAYERS, dtype=ctx.encoder_dtype, device=ctx.device, hidden=ctx.cfg.cap_feat_dim
-        )
-        _track(ledger, "encoder", model)
-        gen = torch.Generator().manual_seed(ctx.seed)
-        ids = torch.randint(0, model.config.vocab_size, (1, ctx.caption_tokens), generator=gen).to(ctx.device)
-        with torch.inference_mode():
-            hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
-        record.keep(hidden)
-        del model, ids
+        encoder = ctx.kit.build_encoder(ctx)
+        _track(ledger, "encoder", encoder)
+        cond = ctx.kit.encode(encoder, ctx)
+        record.keep(cond)
+        del encoder
         gc.collect()
-    return hidden  # [L, 2560]
+    return cond  # what the DiT's inputs take as conditioning ([L, 2560] for Z-Image)
 
 
-def _dit_stage(ledger, ctx, caption: torch.Tensor) -> torch.Tensor:
+def _dit_stage(ledger, ctx, cond) -> torch.Tensor:
+    from pascaline.bench.runner import inputs_of
+
     with ledger.stage("dit") as record:
-        model = synthetic.build_dit(ctx.cfg, dtype=ctx.dit_dtype, device=ctx.device, seed=ctx.seed)
+        model = ctx.kit.build(ctx.cfg, dtype=ctx.dit_dtype, device=ctx.device, seed=ctx.seed)
         _track(ledger, "dit", model)
-        x, t, _ = synthetic.dit_inputs(ctx.cfg, ctx.stage_resolution, dtype=ctx.dit_dtype, device=ctx.device)
+        inputs = inputs_of(ctx, ctx.device, ctx.stage_resolution, cond)
         with torch.inference_mode():
-            latent = model(x, t, [caption.to(ctx.dit_dtype)])
+            latent = ctx.kit.forward(model, inputs)[:1]  # one image decodes: [1, 16, R/8, R/8]
         record.keep(latent)
-        del model, x, t, _
+        del model, inputs
         gc.collect()
-    return latent  # [1, 16, R/8, R/8]
+    return latent
 
 
 def _vae_stage(ledger, ctx, latent: torch.Tensor) -> None:
     with ledger.stage("vae") as record:
-        variant = "flux" if ctx.cfg.dim == synthetic.REAL_DIM else "tiny"  # tiny only with a test width
-        decoder = synthetic.build_vae_decoder(dtype=ctx.vae_dtype, device=ctx.device, variant=variant)
+        decoder = ctx.kit.build_vae_decoder(ctx)
         _track(ledger, "vae", decoder)
         with torch.inference_mode():
             image = decoder(latent.to(ctx.vae_dtype))  # [1, 3, R, R]
@@ -78,15 +72,18 @@ def _sampled(ledger, name: str, progress):
 
 
 def run_stages(ctx, progress=None) -> list[dict]:
-    """Encoder, DiT and VAE decode once each; per-stage seconds, peaks and the freed check."""
+    """Encoder (when the kit has one), DiT and VAE decode once each; per-stage seconds, peaks and
+    the freed check."""
     from pascaline.offload.ledger import LIBRARY_WORKSPACE_BYTES, MemoryLedger
 
     ledger = MemoryLedger(ctx.device, cuda_slack_bytes=LIBRARY_WORKSPACE_BYTES)
-    with _sampled(ledger, "encoder", progress):
-        caption = _encoder_stage(ledger, ctx)
+    cond = None
+    if ctx.kit.has_encoder:
+        with _sampled(ledger, "encoder", progress):
+            cond = _encoder_stage(ledger, ctx)
     with _sampled(ledger, "dit", progress):
-        latent = _dit_stage(ledger, ctx, caption)
-    del caption
+        latent = _dit_stage(ledger, ctx, cond)
+    del cond
     with _sampled(ledger, "vae", progress):
         _vae_stage(ledger, ctx, latent)
     return [

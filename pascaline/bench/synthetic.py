@@ -17,21 +17,20 @@ from torch import nn
 from pascaline.families.zimage import TYPICAL_CAPTION_TOKENS
 from pascaline.models.zimage_dit import VARIANTS, ZImageDiT, ZImageDiTConfig
 
-FULL_DEPTH = (30, 2)  # main layers, refiner layers (each of noise_refiner / context_refiner)
 CAPTION_TOKENS = TYPICAL_CAPTION_TOKENS
-REAL_DIM = VARIANTS["z-image-turbo"].dim
 CHUNK = 1 << 22  # elements per fill step for dtypes normal_ cannot write directly (fp8)
 
 
-def dit_config(depth: int | str, dim: int | None = None) -> ZImageDiTConfig:
-    """Z-Image Turbo's config at ``depth`` main layers (``"full"``: 30 + 2 + 2).
+def dit_config(depth: int | str, dim: int | None = None, base: ZImageDiTConfig | None = None
+               ) -> ZImageDiTConfig:
+    """``base`` (default: Z-Image Turbo's config) at ``depth`` main layers (``"full"``: its own depth).
 
     Reduced depth keeps one block of each refiner, so the image and caption paths both run
     and their block times can be extrapolated. ``dim`` shrinks the width (tests only):
     heads of 128 and the FFN ratio are kept, the caption width follows ``dim``.
     """
-    base = VARIANTS["z-image-turbo"]
-    layers, refiners = FULL_DEPTH if depth == "full" else (int(depth), 1)
+    base = base or VARIANTS["z-image-turbo"]
+    layers, refiners = (base.n_layers, base.n_refiner_layers) if depth == "full" else (int(depth), 1)
     if layers < 1:
         raise ValueError(f"depth must be >= 1 or 'full', got {depth!r}")
     cfg = replace(base, n_layers=layers, n_refiner_layers=refiners)

@@ -19,13 +19,13 @@ from pascaline.models.mmdit import VARIANTS, MMDiT, MMDiTConfig
 CONTEXT_TOKENS = 333  # diffusers' default: 77 CLIP + 256 T5 tokens
 
 
-def mmdit_config(variant: str, depth: int | str, dim: int | None = None) -> MMDiTConfig:
-    """``variant``'s config (a name in ``models.mmdit.VARIANTS``) at ``depth`` joint blocks (``"full"``:
-    the variant's own). The last block stays ``context_pre_only``; MMDiT-X dual layers beyond
-    the depth are dropped. ``dim`` shrinks the width (tests only): heads of 64 are kept."""
-    if variant not in VARIANTS:
+def mmdit_config(variant: str | MMDiTConfig, depth: int | str, dim: int | None = None) -> MMDiTConfig:
+    """``variant``'s config (a name in ``models.mmdit.VARIANTS``, or a config) at ``depth`` joint
+    blocks (``"full"``: the variant's own). The last block stays ``context_pre_only``; MMDiT-X dual
+    layers beyond the depth are dropped. ``dim`` shrinks the width (tests only): heads of 64 are kept."""
+    if isinstance(variant, str) and variant not in VARIANTS:
         raise ValueError(f"unknown MMDiT variant {variant!r}; use one of {', '.join(VARIANTS)}")
-    base = VARIANTS[variant]
+    base = VARIANTS[variant] if isinstance(variant, str) else variant
     depth = base.depth if depth == "full" else int(depth)
     if depth < 1:
         raise ValueError(f"depth must be >= 1 or 'full', got {depth!r}")

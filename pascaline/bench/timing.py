@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -83,16 +83,20 @@ def time_iterations(
     return samples
 
 
-BLOCK_KINDS = ("noise_refiner", "context_refiner", "layers")
+def hooked_block_times(
+    model: torch.nn.Module, device: torch.device | str, kinds: tuple[str, ...]
+) -> AbstractContextManager[dict[str, list[float]]]:
+    """``hooked_group_times`` with one group per ModuleList of ``model`` named in ``kinds``."""
+    return hooked_group_times({kind: list(getattr(model, kind)) for kind in kinds}, device)
 
 
 @contextmanager
-def hooked_block_times(
-    model: torch.nn.Module, device: torch.device | str, kinds: tuple[str, ...] = BLOCK_KINDS
+def hooked_group_times(
+    groups: Mapping[str, Sequence[torch.nn.Module]], device: torch.device | str
 ) -> Iterator[dict[str, list[float]]]:
-    """Record the seconds of every block call of the ModuleLists in ``kinds`` while open."""
+    """Record the seconds of every call of the blocks in ``groups`` (group -> blocks) while open."""
     starts: dict[int, float] = {}
-    spent: dict[str, list[float]] = {kind: [] for kind in kinds}
+    spent: dict[str, list[float]] = {kind: [] for kind in groups}
 
     def before(module, args):
         synchronize(device)
@@ -106,8 +110,8 @@ def hooked_block_times(
         return after
 
     handles = []
-    for kind in kinds:
-        for block in getattr(model, kind):
+    for kind, blocks in groups.items():
+        for block in blocks:
             handles.append(block.register_forward_pre_hook(before))
             handles.append(block.register_forward_hook(after_for(kind)))
     try:
@@ -122,23 +126,22 @@ def mean_times(spent: dict[str, list[float]]) -> dict[str, float]:
 
 
 def timed_with_blocks(
-    model: torch.nn.Module,
+    groups: Mapping[str, Sequence[torch.nn.Module]],
     fn: Callable[[], object],
     *,
     iterations: int,
     device: torch.device | str,
     progress=None,
-    kinds: tuple[str, ...] = BLOCK_KINDS,
     on_timed: Callable[[], object] | None = None,
 ) -> tuple[list[float], dict[str, float]]:
-    """Timed iterations and mean per-block seconds.
+    """Timed iterations and mean per-block seconds of each group of blocks.
 
     On the CPU the blocks are timed inside the timed iterations (a synchronize is free there);
     on CUDA a synchronize per block would hide copy/compute overlap, so one extra hooked
     iteration is run after the timed ones. ``on_timed`` runs right after the timed iterations.
     """
     if torch.device(device).type == "cpu":
-        with hooked_block_times(model, device, kinds) as spent:
+        with hooked_group_times(groups, device) as spent:
             samples = time_iterations(fn, warmup=0, iterations=iterations, device=device, progress=progress)
         if on_timed is not None:
             on_timed()
@@ -146,7 +149,7 @@ def timed_with_blocks(
     samples = time_iterations(fn, warmup=0, iterations=iterations, device=device, progress=progress)
     if on_timed is not None:
         on_timed()
-    with hooked_block_times(model, device, kinds) as spent:
+    with hooked_group_times(groups, device) as spent:
         fn()
     return samples, mean_times(spent)
 
