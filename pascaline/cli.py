@@ -274,6 +274,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (0 = off)")
     p.add_argument("--slg-start", type=float, help="skip-layer guidance starts at this share of the schedule")
     p.add_argument("--slg-end", type=float, help="skip-layer guidance ends at this share of the schedule")
+    p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="apply a LoRA (repeatable; "
+                   "strength default 1), merged into the weights as they load")
     p.add_argument("--enhance", action="store_true", help="expand the prompt first with the text "
                    "encoder's own language model (Z-Image's Qwen3-4B); printed, and kept in the PNG")
     p.add_argument("--enhance-seed", type=int, metavar="N", help="sample the expansion with this seed "
@@ -387,7 +389,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         pipe = load_pipeline(
             args.models, model=args.model, dit=args.dit, components=components,
             without=tuple(args.without or ()), tokenizer=args.tokenizer, device=args.device,
-            vram_budget=args.vram_budget, quant=args.quant, progress=bars,
+            vram_budget=args.vram_budget, quant=args.quant, progress=bars, loras=args.lora or (),
         )  # fmt: skip
         for note in pipe.notes:
             print(f"pascaline: {note}", file=sys.stderr)

@@ -118,6 +118,7 @@ class LoadContext:
     quant: str | None = None
     device: str | torch.device = "cpu"
     tokenizers: Mapping[str, Any] = field(default_factory=dict)
+    loras: Sequence = ()  # [(LoraFile, strength)] the diffusion model merges while it loads
 
 
 class Family:
@@ -236,6 +237,11 @@ class Family:
     def guess_variant(self, config) -> str:
         """The variant whose settings suit a diffusion model of ``config`` (a fine-tune included)."""
         return self.default_variant
+
+    def lora_targets(self, shapes):
+        """The family's LoRA key map over a diffusion model's ``{module: weight shape}``
+        (``pascaline.lora.LoraTargets``): which trainer names land on which module and rows."""
+        raise NotImplementedError
 
     def load_enhancer(self, files, ctx: LoadContext):
         """The language model that expands prompts (``generate --enhance``), or None when the

@@ -130,7 +130,8 @@ class SD3(Family):
         if role == "dit":
             from pascaline.formats.sd3_mmdit import load_mmdit
 
-            return load_mmdit(where.path, dtype=ctx.dtype, device=ctx.device, quant=ctx.quant)
+            return load_mmdit(where.path, dtype=ctx.dtype, device=ctx.device, quant=ctx.quant,
+                              loras=ctx.loras)
         if role == "vae":
             from pascaline.formats.flux_vae import load_vae
 
@@ -159,6 +160,11 @@ class SD3(Family):
                 models_dir = files.root or models_dir_of(files.where(role).path)
                 out[role] = load_sd3_tokenizer(_KINDS[role], models_dir=models_dir)
         return out
+
+    def lora_targets(self, shapes):
+        from pascaline.formats.sd3_lora import sd3_lora_targets
+
+        return sd3_lora_targets(shapes)
 
     def quantize_source(self, kind: str, path: Path):
         if kind == "sd3-mmdit":

@@ -82,7 +82,7 @@ class ZImage(Family):
         if role == "dit":
             from pascaline.formats.zimage_dit import load_dit
 
-            return load_dit(where.path, dtype=ctx.dtype, device=ctx.device, quant=ctx.quant)
+            return load_dit(where.path, dtype=ctx.dtype, device=ctx.device, quant=ctx.quant, loras=ctx.loras)
         if role == "text_encoder":
             from pascaline.formats.qwen3 import load_text_encoder
 
@@ -104,6 +104,11 @@ class ZImage(Family):
         encoder = files.text_encoder
         models_dir = files.root or (encoder.parent if encoder.is_dir() else encoder.parent.parent)
         return {"text_encoder": load_tokenizer(models_dir=models_dir)}
+
+    def lora_targets(self, shapes):
+        from pascaline.formats.zimage_lora import zimage_lora_targets
+
+        return zimage_lora_targets(shapes)
 
     def load_enhancer(self, files, ctx: LoadContext):
         # Qwen3-4B is a whole causal LM (all 36 layers, final norm, tied output): the encoder file

@@ -97,6 +97,9 @@ def comfy_prompt(meta: Meta) -> dict[str, dict[str, Any]]:
     family = get_family(meta["family"]).comfy
     g = Graph()
     model, clip, vae = family.loaders(g, meta)
+    for lora in meta.get("loras") or ():  # the diffusion-model LoRAs, as ComfyUI's model-only loader
+        model = out(g.add("LoraLoaderModelOnly", model=model, lora_name=lora["file"],
+                          strength_model=float(lora["strength"])))  # fmt: skip
     model = family.patches(g, meta, model)
     positive = out(g.add("CLIPTextEncode", text=meta["prompt"], clip=clip))
     zeroed = _Lazy(lambda: out(g.add("ConditioningZeroOut", conditioning=positive)))

@@ -107,6 +107,7 @@ def generation_metadata(
     rounding: str = "comfyui",
     extra: Mapping[str, Any] | None = None,
     without: list[str] | None = None,
+    loras: list[dict] | None = None,
 ) -> dict[str, Any]:
     """The settings of one image as a JSON-ready dict (what the ``pascaline`` chunk holds).
 
@@ -118,7 +119,8 @@ def generation_metadata(
     of the pixels (``to_pil``). ``extra`` adds a family's own settings at the top level
     (guidance: ``negative_mode``; SD3 also ``dit_kind``, ``slg_layers``, ``slg_scale``,
     ``slg_start``, ``slg_end``; see ``comfy_workflow``); ``without`` lists the optional
-    components the run left out (``["t5"]``).
+    components the run left out (``["t5"]``); ``loras`` the LoRAs it ran with
+    (``pascaline.lora.lora_records``: name, short hash, strength, file).
     """
     meta = {
         "format_version": METADATA_VERSION, "pascaline_version": __version__, "family": family,
@@ -129,6 +131,7 @@ def generation_metadata(
         "models": {role: model_record(path) for role, path in models.items()},
     }  # fmt: skip
     optional = {"variant": variant, "original_prompt": original_prompt, "without": without or None,
+                "loras": loras or None,
                 "init_image": None if init_image is None else model_record(init_image)}  # fmt: skip
     meta.update({k: v for k, v in optional.items() if v is not None})
     meta.update(extra or {})
@@ -174,8 +177,14 @@ def format_parameters(meta: Mapping[str, Any]) -> str:
             fields += [(label, _stem(record)), (f"{label} quickhash", record["quickhash"])]
     if meta.get("without"):
         fields.append(("Without", ",".join(meta["without"])))
+    tags = ""
+    if meta.get("loras"):
+        from pascaline.lora.files import a1111_lora_text
+
+        tags, hashes = a1111_lora_text(meta["loras"])
+        fields.append(("Lora hashes", hashes.removeprefix("Lora hashes: ").strip('"')))
     fields.append(("Version", f"pascaline {meta['pascaline_version']}"))
-    lines = [meta["prompt"]]
+    lines = [f"{meta['prompt']} {tags}" if tags else meta["prompt"]]  # A1111's <lora:name:0.8> tags
     if meta.get("negative"):
         lines.append(f"Negative prompt: {meta['negative']}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))

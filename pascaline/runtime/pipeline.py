@@ -168,6 +168,8 @@ class Pipeline:
         progress: Progress | None = None,
         prefetch: int = 1,
         batch_cfg: bool | str = "auto",
+        loras=(),
+        lora_mode: str = "merge",
     ):
         self.files, self.caps, self.budget_bytes = files, caps, budget_bytes
         self.family: Family = files.family
@@ -191,6 +193,12 @@ class Pipeline:
         self._streamers: dict[str, Any] = {}  # kept models' BlockStreamers, packed between calls
         self._captions: tuple[tuple, list] | None = None
         self._enhanced: dict[tuple[str, int | None], str] = {}  # (prompt, enhance seed) -> expanded
+        if lora_mode not in ("merge", "branch"):
+            raise InvalidArgumentError(f"LoRA mode {lora_mode!r} is unknown; use merge or branch.")
+        self.lora_mode = lora_mode
+        self._lora_files: dict[str, Any] = {}  # path -> LoraFile, read once
+        self._loras = self._read_loras(loras)  # the pipeline's own LoRAs (load_pipeline / set_loras)
+        self._merged_at_load = False  # whether the loaded DiT has them merged in (irreversibly)
         # runtime.enhance.enhance_prompt's settings (max_new_tokens, temperature, top_p, top_k, system)
         self.enhance_options: dict[str, Any] = {}
 
@@ -245,6 +253,7 @@ class Pipeline:
         try:
             self._check_host_ram()
             self._check_dit_fits(options)
+            self._check_loras(self._read_loras(options.loras))
             if options.enhance:
                 options = replace(options, prompt=self._enhance(options.prompt, options.enhance_seed, ledger))
             conds = self._encode_stage(options, ledger, report)
@@ -280,7 +289,7 @@ class Pipeline:
             negative=o.negative_prompt, seed=o.seed, width=o.width, height=o.height,
             models=models, sampler=o.sampler, scheduler=o.scheduler, steps=o.steps, shift=o.shift, cfg=o.cfg,
             quant=self.quant_label, blind_start=o.blind_start, denoise=o.denoise, family=self.family.name,
-            variant=self.variant.name, extra=extra, rounding=o.rounding,
+            variant=self.variant.name, extra=extra, rounding=o.rounding, loras=self.lora_records(o),
             init_image=o.init_image if isinstance(o.init_image, (str, Path)) else None,
             without=[c.role for c in self.family.components if c.role not in self.files.located],
         )  # fmt: skip
@@ -358,6 +367,7 @@ class Pipeline:
             streamer.release_host_()
         self._streamers.clear()
         self._models.clear()
+        self._merged_at_load = False
         self._captions = None
         gc.collect()
 
@@ -369,8 +379,97 @@ class Pipeline:
     def _model(self, role: str):
         if role not in self._models:
             ctx = LoadContext(self._stage_dtype(role), self._schemes[role], "cpu", self.tokenizers)
+            if role == self.family.dit.role:
+                merge = self.lora_mode == "merge"
+                self._merged_at_load = bool(self._loras) and merge and self._dit_mergeable()
+                ctx.loras = self._loras if self._merged_at_load else ()
             self._models[role] = self.family.load_component(role, self.files.where(role), ctx)
         return self._models[role]
+
+    # --- LoRAs ----------------------------------------------------------------------------
+
+    def _read_loras(self, loras) -> list:
+        """``[(LoraFile, strength)]`` of ``loras`` (paths with strengths, or "path:strength")."""
+        from pascaline.lora import read_lora
+        from pascaline.runtime.options import normalize_loras
+
+        out = []
+        for path, strength in normalize_loras(loras):
+            stamp = (path, Path(path).stat().st_mtime_ns)
+            if stamp not in self._lora_files:
+                self._lora_files[stamp] = read_lora(path)
+            out.append((self._lora_files[stamp], strength))
+        return out
+
+    def _check_loras(self, loras: list) -> None:
+        """Every LoRA key maps onto the diffusion model (checked on meta, before any weight is read)."""
+        from pascaline.lora import resolve, weight_shapes
+
+        if loras:
+            meta = self.family.meta_dit(self.dit_config(), torch.float32)
+            targets = self.family.lora_targets(weight_shapes(meta))
+            for lora, _ in loras:
+                resolve(lora, targets)
+
+    def _dit_mergeable(self) -> bool:
+        """A float safetensors source: LoRAs merge while it streams in (one rounding, no run-time cost)."""
+        from pascaline.formats.safetensors_io import WeightSource
+        from pascaline.quant.schemes import scheme_from_metadata
+
+        where = self.files.where(self.family.dit.role).path
+        if where.is_file() and where.suffix == ".gguf":
+            return False
+        with WeightSource(where) as source:
+            return scheme_from_metadata(source.metadata) is None
+
+    def set_loras(self, loras) -> None:
+        """Replace the pipeline's LoRAs (``[(path, strength)]`` or ``["path:strength"]``) without
+        reloading the base model: from now on they run as low-rank branches beside the weights
+        (strengths change in place). A DiT that had LoRAs merged in while loading is read again once."""
+        new = self._read_loras(loras)
+        self._check_loras(new)
+        if self._merged_at_load:
+            self._drop_dit()
+        self._loras, self.lora_mode = new, "branch"
+        model = self._models.get(self.family.dit.role)
+        if model is not None:
+            model.__dict__["_pascaline_lora_key"] = None  # applied afresh before the next image
+
+    def _drop_dit(self) -> None:
+        role = self.family.dit.role
+        streamer = self._streamers.pop("dit", None)
+        if streamer is not None:
+            streamer.release_host_()
+        self._models.pop(role, None)
+        gc.collect()
+
+    def _use_loras(self, model, options: GenerateOptions) -> None:
+        """The pipeline's LoRAs (unless merged at load) and the image's own, as the model runs them."""
+        from pascaline.lora import apply_loras_, lora_state, remove_loras_
+
+        image = self._read_loras(options.loras)
+        own = [] if self._merged_at_load else self._loras
+        key = tuple((lora.path, s) for lora, s in own + image) + (self.lora_mode,)
+        if model.__dict__.get("_pascaline_lora_key", ()) == key or (not own and not image and
+                                                                      lora_state(model) is None):
+            return
+        streamer = self._streamers.pop("dit", None)  # the blocks' tensors change: pack them afresh
+        if streamer is not None:
+            streamer.release_host_()
+        if lora_state(model) is not None:
+            remove_loras_(model)
+        if own:  # merge: float layers merged, quantized ones as branches (a pre-quantized or GGUF file)
+            mode = "auto" if self.lora_mode == "merge" else "branch"
+            apply_loras_(model, own, self.family.lora_targets, mode=mode)
+        if image:
+            apply_loras_(model, image, self.family.lora_targets, mode="branch")
+        model.__dict__["_pascaline_lora_key"] = key
+
+    def lora_records(self, options: GenerateOptions) -> list[dict]:
+        """``[{name, hash, strength, file}]`` of every LoRA an image made with ``options`` ran with."""
+        from pascaline.lora import lora_records
+
+        return lora_records(self._loras + self._read_loras(options.loras))
 
     def host_needs(self) -> dict[str, int]:
         """Estimated host bytes of each model not loaded yet, as it will be loaded."""
@@ -549,6 +648,7 @@ class Pipeline:
         role = self.family.dit.role
         dtype, quant = self.dtypes["dit"], self._schemes[role]
         with ledger.stage("dit"), self._loaded(role) as model:
+            self._use_loras(model, options)  # before planning: branch tensors stream with their blocks
             tokens = max(self.family.cond_tokens(c) for c in conds)
             size = (options.width, options.height)
             act = [self.family.dit_activation_bytes(model.config, *size, tokens, dtype, quant, batch)
@@ -677,6 +777,8 @@ def load_pipeline(
     keep_loaded: bool | str = "auto",
     prefetch: int = 1,
     batch_cfg: bool | str = "auto",
+    loras=(),
+    lora_mode: str = "merge",
     caps: DeviceCaps | None = None,
 ) -> Pipeline:
     """A ready ``Pipeline`` for the model files in ``models`` (or given one by one).
@@ -694,8 +796,12 @@ def load_pipeline(
     ``"fp8-e4m3"``, ``"fp8-e5m2"``. ``dtype`` overrides the compute dtype of the diffusion model
     and the encoders. ``keep_loaded``: keep the models in host RAM between calls (``"auto"``:
     when they take at most half the available RAM). ``batch_cfg``: run guidance's two branches
-    as one batch (``"auto"``: when the budget allows). ``progress(phase, done, total)`` hears of
-    loading, encoding, steps and decoding. ``caps`` replaces the device probe.
+    as one batch (``"auto"``: when the budget allows). ``loras``: ``[(path, strength)]`` (or
+    ``"path:strength"``) for every image; ``lora_mode="merge"`` merges them into the weights while
+    the diffusion model loads (one rounding, no run-time cost; a pre-quantized or GGUF file runs
+    them as branches), ``"branch"`` runs them as low-rank branches (``pipe.set_loras`` and per-image
+    ``loras`` always do). ``progress(phase, done, total)`` hears of loading, encoding, steps and
+    decoding. ``caps`` replaces the device probe.
     """
     caps = _probe(device, caps)
     budget = resolve_budget(vram_budget, caps)
@@ -708,10 +814,11 @@ def load_pipeline(
         files, caps, budget_bytes=budget, quant=quant_name, quant_is_auto=quant == "auto",
         dtypes=stage_dtypes(caps, parse_dtype(dtype)), keep_loaded=False,
         variant=variant, tokenizers=family.load_tokenizers(files, tokenizer), progress=progress,
-        prefetch=prefetch, batch_cfg=batch_cfg,
+        prefetch=prefetch, batch_cfg=batch_cfg, loras=loras, lora_mode=lora_mode,
     )  # fmt: skip
     if variant is None:
         pipe.variant = family.variant(family.guess_variant(pipe.dit_config()))
+    pipe._check_loras(pipe._loras)
     if quant == "auto" and quant_name is None:
         pipe = _quantized_if_short_of_ram(pipe, models, tokenizer, without, explicit)
     pipe.keep_loaded = _decide_keep(keep_loaded, pipe)
@@ -732,8 +839,10 @@ def _quantized_if_short_of_ram(pipe: Pipeline, models, tokenizer, without, expli
     quantized = Pipeline(
         files, pipe.caps, budget_bytes=pipe.budget_bytes, quant="int8", quant_is_auto=True,
         dtypes=pipe.dtypes, keep_loaded=False, variant=pipe.variant, tokenizers=pipe.tokenizers,
-        progress=pipe.progress, prefetch=pipe.prefetch, batch_cfg=pipe.batch_cfg,
+        progress=pipe.progress, prefetch=pipe.prefetch, batch_cfg=pipe.batch_cfg, loras=(),
+        lora_mode=pipe.lora_mode,
     )  # fmt: skip
+    quantized._loras, quantized._lora_files = pipe._loras, pipe._lora_files
     label = pipe.family.component(role).label
     dtype = str(pipe._stage_dtype(role)).removeprefix("torch.")
     picked = [f"{files.where(r).path.name}" for r in files.roles
