@@ -18,7 +18,7 @@ inference (the same functions its safetensors loader uses, fed the GGUF's logica
 
 ``prepare_gguf_model_`` is steps 2-3 (a meta model with the final module types: what a VRAM
 plan is made from), ``load_gguf_into_`` steps 2-4 for any family (the MMDiT and T5 loaders
-call it with ``sd3_name``/``t5_name``); ``load_gguf_dit``/``gguf_dit_skeleton`` and
+are in ``gguf.sd3``); ``load_gguf_dit``/``gguf_dit_skeleton``/``gguf_dit_config`` and
 ``Qwen3GGUF`` are the Z-Image ones. Which ``quant`` to pass on which card: ``policy``.
 """
 
@@ -150,6 +150,14 @@ def load_gguf_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
     with open_gguf(path, "zimage-dit", _DIT_HINT) as gf:
         names = name_map("zimage-dit", gf.tensors)
         return load_gguf_into_(_dit_on_meta(gf, config), gf, names, dtype=dtype, device=device, quant=quant)
+
+
+def gguf_dit_config(path: str | Path):
+    """The ``ZImageDiTConfig`` of a Z-Image DiT GGUF, from its header."""
+    from pascaline.formats.zimage_dit import infer_dit_config
+
+    with open_gguf(path, "zimage-dit", _DIT_HINT) as gf:
+        return infer_dit_config(gf.shapes())
 
 
 def gguf_dit_skeleton(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, config=None, quant=None):
