@@ -420,9 +420,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     print(f"{'file':<{width}}  {'family':<20} {'component':<36} {'storage':<14} {'size':>10}  variant")
     for r in rows:
         family = " / ".join(r.families) or "(not run)"
-        storage = f"{r.dtype}" + (f" [{r.scheme}]" if r.scheme else "")
         name = str(r.path.relative_to(root))
-        print(f"{name:<{width}}  {family:<20} {KIND_NAMES[r.kind]:<36} {storage:<14} "
+        print(f"{name:<{width}}  {family:<20} {KIND_NAMES[r.kind]:<36} {r.storage:<14} "
               f"{format_bytes(r.nbytes):>10}  {r.variant or ''}")
     if skipped:
         print(f"not recognised: {', '.join(skipped)}")
