@@ -111,6 +111,23 @@ def inventory(root: str | Path) -> tuple[list[Row], list[str]]:
     return rows, skipped
 
 
+def used_rows(files) -> dict[str, Row]:
+    """``{role: Row}`` of the files a ``ModelFiles`` resolved (the part of a bundled checkpoint each
+    role uses): what ``info --models`` shows."""
+    from pascaline.runtime.discovery import inspect_weights
+
+    out = {}
+    for role, where in files.located.items():
+        cand = inspect_weights(where.path)
+        if cand.gguf is not None:
+            out[role] = _gguf_row(cand)
+            continue
+        kinds = files.family.component(role).kinds
+        rows = _component_rows(where.path, cand.scheme.name if cand.scheme else None)
+        out[role] = next(r for r in rows if r.kind in kinds)
+    return out
+
+
 def runnable(root: str | Path) -> list[tuple[str, str | None, dict[str, str] | str]]:
     """For each family: its variant and the files ``generate`` would use (role -> file), or why it
     cannot run (one sentence)."""

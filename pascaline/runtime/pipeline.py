@@ -418,18 +418,23 @@ class Pipeline:
         size = (options.width, options.height)
         if size in self._fits:
             return
-        cfg = self.dit_config()
-        self.family.check_size(cfg, *size)
+        self.family.check_size(self.dit_config(), *size)
         if self.budget_bytes is not None:
-            from pascaline.runtime.memory import plan_dit
-
-            role = self.family.dit.role
-            skeleton = self._gguf_skeleton(role) if role in self._gguf else None
-            # the shortest conditioning: a longer one only adds its tokens to the real plan's estimate
-            plan_dit(self.family, cfg, self.dtypes["dit"], self._schemes[role], *size,
-                     self.family.min_cond_tokens(cfg), self.budget_bytes, self.prefetch,
-                     model=skeleton)  # fmt: skip
+            self.plan_dit(*size)  # raises BudgetError
         self._fits.add(size)
+
+    def plan_dit(self, width: int, height: int, cond_tokens: int | None = None, batch: int = 1):
+        """The diffusion model's ``OffloadPlan`` at ``width x height``, planned on ``meta`` from its
+        file's header (a GGUF's skeleton, blocks and dequantization workspace counted) before any
+        weight is read; ``cond_tokens`` defaults to the shortest conditioning (a longer one only
+        adds its tokens to the real plan's estimate). Raises ``BudgetError`` like the real plan."""
+        from pascaline.runtime.memory import plan_dit
+
+        cfg, role = self.dit_config(), self.family.dit.role
+        skeleton = self._gguf_skeleton(role) if role in self._gguf else None
+        tokens = self.family.min_cond_tokens(cfg) if cond_tokens is None else cond_tokens
+        return plan_dit(self.family, cfg, self.dtypes["dit"], self._schemes[role], width, height, tokens,
+                        self.budget_bytes, self.prefetch, batch, model=skeleton)  # fmt: skip
 
     # --- stages ---------------------------------------------------------------------------
 
