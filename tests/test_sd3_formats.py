@@ -261,9 +261,9 @@ def _zimage_dit():
     ({"double_blocks.0.img_attn.qkv.weight": (96, 32), "img_in.weight": (32, 64)}, "a FLUX.1 transformer"),
     ({"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, "a Stable Diffusion UNet"),
     ({"decoder.conv_in.weight": (8, 16, 3, 3), "encoder.conv_in.weight": (8, 3, 3, 3)}, "the FLUX.1 VAE"),
-    ({"text_model.encoder.layers.0.mlp.fc1.weight": (37, 16)}, "a CLIP/T5 text encoder"),
+    ({"text_model.encoder.layers.0.mlp.fc1.weight": (37, 16)}, "a CLIP or T5 text encoder"),
     ({"encoder.block.0.layer.0.SelfAttention.q.weight": (48, 48), "shared.weight": (100, 48)},
-     "a CLIP/T5 text encoder"),
+     "a CLIP or T5 text encoder"),
 ])
 def test_wrong_model(tmp_path, tensors, looks_like):
     shapes = tensors() if callable(tensors) else tensors
