@@ -50,6 +50,12 @@ def _shared(src: Path, *dests: Path) -> None:
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest)
 
 
+def _roots(tmp_path_factory, name: str) -> tuple[Path, Path, Path]:
+    """A temporary folder and the two ComfyUI ``models/`` folders in it: GGUF files, float twins."""
+    root = tmp_path_factory.mktemp(name)
+    return root, root / "gguf" / "models", root / "float" / "models"
+
+
 @dataclass
 class Folders:
     gguf: Path  # ComfyUI models/ with GGUF files (and the VAE as safetensors)
@@ -61,8 +67,7 @@ class Folders:
 def zimage(tmp_path_factory) -> Folders:
     """An sd.cpp Q4_K DiT and a llama.cpp Qwen3 Q8_0 in ComfyUI folders; a city96 Q8_0 DiT beside."""
     models = shared_models(tmp_path_factory)
-    root = tmp_path_factory.mktemp("gguf-zimage")
-    g, f = root / "gguf" / "models", root / "float" / "models"
+    root, g, f = _roots(tmp_path_factory, "gguf-zimage")
     for part in ("vae", "tokenizer"):
         _shared(models.comfy / part, g / part, f / part)
     comfy = diffusers_to_comfy(models.dit.state_dict())
@@ -191,8 +196,7 @@ def test_discovery_by_content_and_preference_then_models_and_info(zimage, tmp_pa
 def sd3(tmp_path_factory) -> Folders:
     """A city96 Q8_0 MMDiT and a llama.cpp T5 Q5_0 beside the CLIPs and the VAE as safetensors."""
     models = shared_sd3(tmp_path_factory)
-    root = tmp_path_factory.mktemp("gguf-sd3")
-    g, f = root / "gguf" / "models", root / "float" / "models"
+    root, g, f = _roots(tmp_path_factory, "gguf-sd3")
     for name in ("clip_l", "clip_g"):
         src = models.comfy / "text_encoders" / f"{name}.safetensors"
         _shared(src, g / "text_encoders" / src.name, f / "text_encoders" / src.name)

@@ -161,16 +161,10 @@ class SD3(Family):
                 out[role] = load_sd3_tokenizer(_KINDS[role], models_dir=models_dir)
         return out
 
-    def gguf_skeleton(self, role: str, where: Located, dtype, quant):
+    def gguf_skeletons(self):
         from pascaline.gguf.sd3 import T5GGUF, gguf_mmdit_skeleton
 
-        if role == "dit":
-            return gguf_mmdit_skeleton(where.path, dtype=dtype, quant=quant)
-        if role != "t5":
-            return super().gguf_skeleton(role, where, dtype, quant)
-        gguf = T5GGUF.open(where.path)
-        with gguf.file:
-            return gguf.skeleton(dtype=dtype, quant=quant)
+        return {"dit": gguf_mmdit_skeleton, "t5": T5GGUF.skeleton_from}
 
     def quantize_source(self, kind: str, path: Path):
         if kind == "sd3-mmdit":

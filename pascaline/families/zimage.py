@@ -107,16 +107,10 @@ class ZImage(Family):
         models_dir = files.root or (encoder.parent if encoder.is_dir() else encoder.parent.parent)
         return {"text_encoder": load_tokenizer(models_dir=models_dir)}
 
-    def gguf_skeleton(self, role: str, where: Located, dtype, quant):
+    def gguf_skeletons(self):
         from pascaline.gguf.loaders import Qwen3GGUF, gguf_dit_skeleton
 
-        if role == "dit":
-            return gguf_dit_skeleton(where.path, dtype=dtype, quant=quant)
-        if role != "text_encoder":
-            return super().gguf_skeleton(role, where, dtype, quant)
-        gguf = Qwen3GGUF.open(where.path)
-        with gguf.file:
-            return gguf.skeleton(dtype=dtype, quant=quant)
+        return {"dit": gguf_dit_skeleton, "text_encoder": Qwen3GGUF.skeleton_from}
 
     def quantize_source(self, kind: str, path: Path):
         if kind == "zimage-dit":

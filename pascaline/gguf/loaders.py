@@ -168,8 +168,19 @@ def gguf_dit_skeleton(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, 
     return model.to(dtype)
 
 
+class EncoderGGUF:
+    """What a text-encoder GGUF class (``open(path)``, ``.file``, ``.skeleton(...)``) shares."""
+
+    @classmethod
+    def skeleton_from(cls, path: str | Path, *, dtype: torch.dtype = torch.bfloat16, quant=None):
+        """The ``skeleton`` of the file at ``path``, read from its header (then closed)."""
+        gguf = cls.open(path)
+        with gguf.file:
+            return gguf.skeleton(dtype=dtype, quant=quant)
+
+
 @dataclass
-class Qwen3GGUF:
+class Qwen3GGUF(EncoderGGUF):
     """A Qwen3 encoder GGUF whose header is read and config inferred, ready to ``load``.
 
     Split in two so the caller can look for the tokenizer before the long read.

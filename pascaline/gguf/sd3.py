@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from pascaline.gguf.loaders import (
+    EncoderGGUF,
     canonical_keys,
     gguf_shapes,
     load_gguf_into_,
@@ -97,7 +98,7 @@ def t5_encoder_names(names) -> NameMap:
 
 
 @dataclass
-class T5GGUF:
+class T5GGUF(EncoderGGUF):
     """A T5 encoder GGUF whose header is read and config inferred, ready to ``load``."""
 
     file: GGUFFile

@@ -672,9 +672,9 @@ def load_pipeline(
     pipe = Pipeline(
         files, caps, budget_bytes=budget, quant=quant_name, quant_is_auto=quant == "auto",
         dtypes=stage_dtypes(caps, parse_dtype(dtype)), keep_loaded=False,
-        variant=variant, tokenizers=family.load_tokenizers(files, tokenizer), progress=progress,
-        prefetch=prefetch, batch_cfg=batch_cfg,
+        variant=variant, progress=progress, prefetch=prefetch, batch_cfg=batch_cfg,
     )  # fmt: skip
+    pipe.tokenizers = family.load_tokenizers(files, tokenizer)  # after the files' schemes are checked
     if variant is None:
         pipe.variant = family.variant(family.guess_variant(pipe.dit_config()))
     pipe.keep_loaded = _decide_keep(keep_loaded, pipe)
