@@ -29,7 +29,7 @@ from pascaline.runtime.pipeline import load_pipeline
 from tests.factories import sd3 as mmdit_factory
 from tests.factories import vae as vae_factory
 from tests.factories.dit import diffusers_to_comfy
-from tests.factories.gguf import Q, mmdit_gguf, qwen3_gguf, t5_gguf, write_gguf, zimage_gguf
+from tests.factories.gguf import Q, gguf, mmdit_gguf, qwen3_gguf, t5_gguf, write_gguf, zimage_gguf
 from tests.factories.pipeline import psnr, shared_models
 from tests.factories.sd3_pipeline import shared_sd3
 
@@ -246,9 +246,6 @@ def bad_files(zimage, tmp_path_factory):
     writer.write_tensors_to_file()
     writer.close()
     return root
-
-
-from tests.factories.gguf import gguf  # noqa: E402  (the writer, for the IQ2_XXS file)
 
 ERRORS = [
     (["--dit", "{bad}/cut.gguf"], "is truncated: its tensors need"),
