@@ -151,7 +151,7 @@ def test_w8a8_requantizes_every_gguf_model_once(zimage, zimage_reference):
     assert isinstance(dit.layers[0].attention.qkv, QLinear)
     assert isinstance(encoder.layers[0].mlp.up_proj, QLinear)
     assert (needs["dit"], needs["text_encoder"]) == (module_nbytes(dit), module_nbytes(encoder))
-    assert 28 < psnr(pipe.generate(PROMPT, **RUN, output="tensor"), zimage_reference, peak=2.0) < float("inf")
+    assert 40 < psnr(pipe.generate(PROMPT, **RUN, output="tensor"), zimage_reference, peak=2.0) < float("inf")
 
 
 def _link(src: Path, dest: Path) -> None:
