@@ -28,9 +28,12 @@ def _add_info(sub) -> None:
         description="Show versions, the device's capabilities and quirks, the policies pascaline "
         f"applies there (compute dtypes, default quantization, attention, VRAM budget) and, on a CUDA "
         f"card, how the DiT is placed at {INFO_SIZE}x{INFO_SIZE} under the default budget. "
+        "With --models, the files generate would use from a folder and the placement of that DiT. "
         "No weights are read.",
     )
     p.add_argument("--model", metavar="NAME", help=f"the placement of this model only ({_variants_help()})")
+    p.add_argument("--models", metavar="DIR", help="also the files generate would use from DIR (a ComfyUI "
+                   "models/ folder or a diffusers snapshot): storage (a GGUF's type), size, RAM, placement")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     where.add_argument(
@@ -63,9 +66,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("cuda      not available (CPU only)")
     caps = caps or DeviceCaps.probe(args.device)
     print()
-    models = _info_models(args.model)
+    models = [] if args.models else _info_models(args.model)
     for line in (*_caps_lines(caps, preset=bool(args.card)), *_policy_lines(caps, models)):
         print(line)
+    if args.models:
+        for line in _folder_lines(caps, args.models, args.model):
+            print(line)
     return 0
 
 
@@ -172,22 +178,35 @@ def _dit_placement(dtype, quant: str | None, budget: int, model: str) -> str:
     """How ``generate`` places ``model``'s published diffusion model at INFO_SIZE² under ``budget``,
     planned on ``meta`` with the conditioning length of a typical prompt; with the variant's
     default guidance, the two branches as one batch of 2 when the pipeline would do so."""
-    from pascaline.errors import BudgetError
     from pascaline.families import resolve_variant
     from pascaline.runtime.device import format_bytes
-    from pascaline.runtime.memory import cfg_batch_pays, plan_dit
+    from pascaline.runtime.memory import plan_dit
 
     family, variant = resolve_variant(model)
     cfg, tokens = variant.dit_config, family.typical_cond_tokens(variant.dit_config)
     head = f"{model}: DiT at {INFO_SIZE}x{INFO_SIZE} ({quant or 'unquantized'}) under {format_bytes(budget)}"
-    try:  # the pipeline's own build, estimate (W8A8/dequant workspace included) and planner
-        plan = plan_dit(family, cfg, dtype, quant, INFO_SIZE, INFO_SIZE, tokens, budget)
+
+    def plan_of(batch: int):  # the pipeline's own build, estimate (W8A8/dequant workspace included), planner
+        return plan_dit(family, cfg, dtype, quant, INFO_SIZE, INFO_SIZE, tokens, budget, batch=batch)
+
+    return _placement_line(head, plan_of, variant.defaults.cfg != 1.0 and family.cfg_batching)
+
+
+def _placement_line(head: str, plan_of, guided: bool) -> str:
+    """``head: N of M blocks resident...`` from ``plan_of(batch)``; ``guided``: whether the two
+    guidance branches may run as one batch of 2 (then the plan the pipeline would pick)."""
+    from pascaline.errors import BudgetError
+    from pascaline.runtime.device import format_bytes
+    from pascaline.runtime.memory import cfg_batch_pays
+
+    try:
+        plan = plan_of(1)
     except BudgetError as exc:
         return f"{head}: does not fit. {exc}"
     guidance = ""
-    if variant.defaults.cfg != 1.0 and family.cfg_batching:
+    if guided:
         try:
-            two = plan_dit(family, cfg, dtype, quant, INFO_SIZE, INFO_SIZE, tokens, budget, batch=2)
+            two = plan_of(2)
         except BudgetError:
             two = None
         if cfg_batch_pays(plan, two):
@@ -199,6 +218,38 @@ def _dit_placement(dtype, quant: str | None, budget: int, model: str) -> str:
         f"{head}: {len(plan.resident)} of {len(plan.units)} blocks resident, {len(plan.streamed)} "
         f"streamed{slots}, expected peak {format_bytes(plan.expected_peak_bytes)}{guidance}"
     )
+
+
+def _folder_lines(caps, folder: str, name: str | None) -> list[str]:
+    """What ``generate`` would run from ``folder`` on ``caps`` under ``--quant auto``: each file with
+    its storage (a GGUF's type), size and the host RAM its model takes loaded, and on a CUDA card
+    the placement of that diffusion model at INFO_SIZE², planned from the file (no weights read)."""
+    from pascaline.families import resolve_variant
+    from pascaline.runtime.device import default_budget, default_quant, format_bytes
+    from pascaline.runtime.discovery import find_model_files
+    from pascaline.runtime.inventory import used_rows
+    from pascaline.runtime.pipeline import Pipeline, stage_dtypes
+
+    family = resolve_variant(name)[0] if name else None
+    quant = default_quant(caps)
+    files = find_model_files(folder, family=family, quant=quant)
+    pipe = Pipeline(files, caps, budget_bytes=default_budget(caps), quant=quant, quant_is_auto=True,
+                    dtypes=stage_dtypes(caps, None), keep_loaded=False)  # fmt: skip
+    cfg = pipe.dit_config()
+    variant = resolve_variant(name)[1] if name else files.family.variant(files.family.guess_variant(cfg))
+    pipe.variant = variant
+    lines = [f"models    {folder}: {files.family.label}, runs as --model {variant.name}"]
+    needs = pipe.host_needs()
+    for role, row in used_rows(files).items():
+        size, ram = format_bytes(row.nbytes), format_bytes(needs[role])
+        lines.append(f"          {role:<13} {row.path.name}: {row.storage}, {size} on disk, {ram} in RAM")
+    if caps.is_cuda:
+        tokens = files.family.typical_cond_tokens(cfg)
+        head = (f"{variant.name}: DiT at {INFO_SIZE}x{INFO_SIZE} ({pipe.quant_label}) under "
+                f"{format_bytes(pipe.budget_bytes)}")  # fmt: skip
+        lines.append(_placement_line(head, lambda batch: pipe.plan_dit(INFO_SIZE, INFO_SIZE, tokens, batch),
+                                     variant.defaults.cfg != 1.0 and files.family.cfg_batching))  # fmt: skip
+    return lines
 
 
 # --- generate ------------------------------------------------------------------------------
@@ -441,9 +492,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     print(f"{'file':<{width}}  {'family':<20} {'component':<36} {'storage':<14} {'size':>10}  variant")
     for r in rows:
         family = " / ".join(r.families) or "(not run)"
-        storage = f"{r.dtype}" + (f" [{r.scheme}]" if r.scheme else "")
         name = str(r.path.relative_to(root))
-        print(f"{name:<{width}}  {family:<20} {KIND_NAMES[r.kind]:<36} {storage:<14} "
+        print(f"{name:<{width}}  {family:<20} {KIND_NAMES[r.kind]:<36} {r.storage:<14} "
               f"{format_bytes(r.nbytes):>10}  {r.variant or ''}")
     if skipped:
         print(f"not recognised: {', '.join(skipped)}")

@@ -8,7 +8,8 @@ A family (Z-Image; SD3/SD3.5) says:
   (the timestep the model is fed for a noise level σ, and the sign of its output);
 - its named variants with their default settings (``Defaults``) and published configs;
 - hooks (methods) that load a component, tokenize and encode prompts, assemble the
-  conditioning, call the diffusion model, and estimate activation bytes for the plans.
+  conditioning, call the diffusion model, estimate activation bytes for the plans, and
+  build a GGUF component on ``meta`` from its header (``gguf_skeletons``).
 
 Everything else (discovery, the staged pipeline, the samplers, quantization, streaming,
 ``info``, the bench, the PNG metadata) works from this declaration, so a new family adds
@@ -247,6 +248,21 @@ class Family:
         """The language model that expands prompts (``generate --enhance``), or None when the
         family's text encoder is no complete LM (then enhancement is refused)."""
         return None
+
+
+    def gguf_skeletons(self) -> Mapping[str, Any]:
+        """``{role: fn(path, *, dtype, quant) -> model on meta}`` for every role whose kinds a GGUF can
+        hold (``gguf.names.KINDS``): the loader's model built from the file's header alone."""
+        return {}
+
+    def gguf_skeleton(self, role: str, where: Located, dtype: torch.dtype, quant: str | None) -> nn.Module:
+        """The model of ``role`` as ``load_component`` builds it from the GGUF file at ``where`` under
+        ``quant`` (None: the GGUF blocks kept), on ``meta`` with its final module types and dtypes:
+        what the VRAM plans and host-RAM estimates of a GGUF count (from ``gguf_skeletons``)."""
+        build = self.gguf_skeletons().get(role)
+        if build is None:
+            raise NotImplementedError(f"{self.label} reads no GGUF file for its {role}")
+        return build(where.path, dtype=dtype, quant=quant)
 
     def quantize_source(self, kind: str, path: Path):
         """``(WeightSource, meta model, tensors())`` of a file of ``kind`` for ``pascaline quantize``."""

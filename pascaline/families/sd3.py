@@ -34,7 +34,7 @@ from pascaline.families.base import (
     Variant,
 )
 from pascaline.models.mmdit import VARIANTS as MMDIT_VARIANTS
-from pascaline.runtime.comfy_workflow import ComfyNodes, Graph, model_file, out, unet_loader
+from pascaline.runtime.comfy_workflow import ComfyNodes, Graph, clip_loader, model_file, out, unet_loader
 
 CLIP_TOKENS = 77  # one CLIP chunk; T5 pads to at least as many
 
@@ -60,9 +60,10 @@ def _comfy_loaders(g: Graph, meta) -> tuple:
     if "clip_l" in models or "clip_g" in models:
         names = {"clip_name1": model_file(meta, "clip_l"), "clip_name2": model_file(meta, "clip_g")}
         if "t5" in models:
-            clip = out(g.add("TripleCLIPLoader", **names, clip_name3=model_file(meta, "t5")))
+            node = clip_loader(meta, "TripleCLIPLoader", "clip_l", "clip_g", "t5")
+            clip = out(g.add(node, **names, clip_name3=model_file(meta, "t5")))
         else:
-            clip = out(g.add("DualCLIPLoader", **names, type="sd3"))
+            clip = out(g.add(clip_loader(meta, "DualCLIPLoader", "clip_l", "clip_g"), **names, type="sd3"))
     if "vae" in models and models["vae"]["file"] != models["dit"]["file"]:
         vae = out(g.add("VAELoader", vae_name=model_file(meta, "vae")))
     if clip is None or vae is None:
@@ -166,6 +167,12 @@ class SD3(Family):
 
         return sd3_lora_targets(shapes)
 
+
+    def gguf_skeletons(self):
+        from pascaline.gguf.sd3 import T5GGUF, gguf_mmdit_skeleton
+
+        return {"dit": gguf_mmdit_skeleton, "t5": T5GGUF.skeleton_from}
+
     def quantize_source(self, kind: str, path: Path):
         if kind == "sd3-mmdit":
             from pascaline.formats.sd3_mmdit import open_mmdit_for_quantize
@@ -183,7 +190,12 @@ class SD3(Family):
 
     def dit_config(self, where: Located):
         from pascaline.formats.sd3_mmdit import infer_mmdit_config, open_mmdit_source
+        from pascaline.gguf.reader import is_gguf_file
 
+        if is_gguf_file(where.path):
+            from pascaline.gguf.sd3 import gguf_mmdit_config
+
+            return gguf_mmdit_config(where.path)
         with open_mmdit_source(where.path) as source:
             return infer_mmdit_config(source.shapes())
 

@@ -25,7 +25,7 @@ from pascaline.families.base import (
     Variant,
 )
 from pascaline.models.zimage_dit import VARIANTS as DIT_VARIANTS
-from pascaline.runtime.comfy_workflow import ComfyNodes, Graph, model_file, out, unet_loader
+from pascaline.runtime.comfy_workflow import ComfyNodes, Graph, clip_loader, model_file, out, unet_loader
 
 # a prompt of a few dozen words in Qwen3's chat template (info's placement and the bench use it)
 TYPICAL_CAPTION_TOKENS = 64
@@ -38,7 +38,9 @@ def _timestep(sigma: torch.Tensor) -> torch.Tensor:
 def _comfy_loaders(g: Graph, meta) -> tuple:
     # ComfyUI's Z-Image Turbo template: UNETLoader, CLIPLoader of type lumina2 (its Qwen3), VAELoader
     model = unet_loader(g, meta)
-    clip = g.add("CLIPLoader", clip_name=model_file(meta, "text_encoder"), type="lumina2", device="default")
+    node = clip_loader(meta, "CLIPLoader", "text_encoder")
+    device = {} if node != "CLIPLoader" else {"device": "default"}  # CLIPLoaderGGUF has no device input
+    clip = g.add(node, clip_name=model_file(meta, "text_encoder"), type="lumina2", **device)
     vae = g.add("VAELoader", vae_name=model_file(meta, "vae"))
     return model, out(clip), out(vae)
 
@@ -117,6 +119,12 @@ class ZImage(Family):
         return load_language_model(files.text_encoder, dtype=ctx.dtype, device=ctx.device, quant=ctx.quant,
                                    tokenizer=ctx.tokenizers["text_encoder"])  # fmt: skip
 
+
+    def gguf_skeletons(self):
+        from pascaline.gguf.loaders import Qwen3GGUF, gguf_dit_skeleton
+
+        return {"dit": gguf_dit_skeleton, "text_encoder": Qwen3GGUF.skeleton_from}
+
     def quantize_source(self, kind: str, path: Path):
         if kind == "zimage-dit":
             from pascaline.formats.zimage_dit import quantize_source
@@ -130,7 +138,12 @@ class ZImage(Family):
 
     def dit_config(self, where: Located):
         from pascaline.formats.zimage_dit import infer_dit_config, open_dit_source
+        from pascaline.gguf.reader import is_gguf_file
 
+        if is_gguf_file(where.path):
+            from pascaline.gguf.loaders import gguf_dit_config
+
+            return gguf_dit_config(where.path)
         with open_dit_source(where.path) as source:
             return infer_dit_config(source.shapes())
 

@@ -44,6 +44,7 @@ from pascaline.formats.recipes import (
 from pascaline.formats.safetensors_io import WeightSource
 from pascaline.formats.sd3_lora import sd3_lora_targets
 from pascaline.formats.zimage_dit import open_dit_source
+from pascaline.gguf.reader import is_gguf_file
 from pascaline.models.mmdit import VARIANTS, MMDiT, MMDiTConfig
 
 COMFY_PREFIX = "model.diffusion_model."
@@ -240,7 +241,8 @@ def _check_shapes(cfg: MMDiTConfig, shapes: Mapping[str, tuple[int, ...]]) -> No
                               "config explains these weights.")
 
 
-def _resolve_config(config, shapes) -> MMDiTConfig:
+def resolve_mmdit_config(config, shapes) -> MMDiTConfig:
+    """``config`` itself, the variant it names, or (``None``) the config inferred from ``shapes``."""
     if isinstance(config, str) and config not in VARIANTS:
         raise InvalidArgumentError(f"unknown MMDiT config {config!r}; use one of {', '.join(VARIANTS)}.")
     return VARIANTS[config] if isinstance(config, str) else config or infer_mmdit_config(shapes)
@@ -249,7 +251,7 @@ def _resolve_config(config, shapes) -> MMDiTConfig:
 def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                config: MMDiTConfig | str | None = None, quant=None, loras=()) -> MMDiT:
     """Load an SD3/SD3.5 MMDiT from an original/ComfyUI file, a diffusers ``transformer/`` folder,
-    a snapshot root or a lone diffusers-named file.
+    a snapshot root, a lone diffusers-named file or a GGUF (``pascaline.gguf.sd3``).
 
     The model is built on ``meta`` and filled one tensor at a time from the memory-mapped
     file, cast to ``dtype`` (or quantized when ``quant`` or the file's metadata names a
@@ -258,13 +260,17 @@ def load_mmdit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
     merged into the float weights as they stream in (``materialize.load_with_scheme_``).
     Returns the model in eval mode, no grad.
     """
+    if is_gguf_file(path):  # by its magic bytes
+        from pascaline.gguf.sd3 import load_gguf_mmdit
+
+        return load_gguf_mmdit(path, dtype=dtype, device=device, config=config, quant=quant)
     source = open_mmdit_source(path)
     shapes = source.shapes()
     if detect_mmdit_format(shapes) is None:
         raise WrongModelError(f"{source.path} looks like {describe(shapes)}, not an SD3/SD3.5 MMDiT; pass "
                               "the diffusion model file (sd3.5_*.safetensors, a diffusion_models/ or unet/ "
                               "file) or a diffusers transformer/ folder.")
-    cfg = _resolve_config(config, shapes)
+    cfg = resolve_mmdit_config(config, shapes)
     with torch.device("meta"):
         model = MMDiT(cfg)
     return load_with_scheme_(model, source, lambda: iter_mmdit_tensors(source), quant=quant, dtype=dtype,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,7 @@ from pascaline.formats.encoder_files import (
 from pascaline.formats.recipes import FLOAT8
 from pascaline.formats.safetensors_io import WeightSource
 from pascaline.formats.sd3_text import SD3_BUNDLE_PREFIXES, SD3_DIFFUSERS_FOLDERS, T5TextEncoder
+from pascaline.gguf.reader import is_gguf_file
 
 ROOT = "encoder.block."
 TABLE, ALIAS = "shared.weight", "encoder.embed_tokens.weight"
@@ -139,8 +141,22 @@ def load_t5(
     ``models.t5_encoder``). ``quant``: a pascaline scheme (or its name) for the blocks'
     linears (int8: ~4.9 GB for T5-XXL); a pascaline-quantized file brings its own.
     ``min_length``: the padded length (ComfyUI's 77 by default; diffusers pads to 256).
+    A GGUF file (llama.cpp ``t5encoder``) keeps its blocks (``pascaline.gguf.sd3.T5GGUF``).
     """
+    if is_gguf_file(path):  # by its magic bytes
+        return _load_gguf(Path(path).expanduser(), dtype, device, quant, tokenizer, min_length)
     source, model, tensors, cfg = _open(path, prefix)
     tok = load_encoder_(source, model, tensors, "t5-encoder", tokenizer=tokenizer, dtype=dtype,
                         device=device, quant=quant, min_length=min_length)
     return T5TextEncoder(model, tok, "t5-encoder", cfg)
+
+
+def _load_gguf(path: Path, dtype, device, quant, tokenizer, min_length) -> T5TextEncoder:
+    from pascaline.formats.encoder_files import models_dir_of
+    from pascaline.formats.sd3_tokenizers import load_sd3_tokenizer
+    from pascaline.gguf.sd3 import T5GGUF
+
+    gguf = T5GGUF.open(path)
+    # the tokenizer first: a missing one fails before the long read
+    tok = load_sd3_tokenizer("t5-encoder", tokenizer, models_dir=models_dir_of(path), min_length=min_length)
+    return T5TextEncoder(gguf.load(dtype=dtype, device=device, quant=quant), tok, "t5-encoder", gguf.config)

@@ -23,6 +23,11 @@ class GGMLType:
     block_size: int
     type_size: int
 
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per value (Q4_K: 4.5, Q8_0: 8.5, F16: 16)."""
+        return 8 * self.type_size / self.block_size
+
     def row_nbytes(self, row: int) -> int:
         """Bytes of a row of ``row`` values (``row`` must be whole blocks)."""
         return row // self.block_size * self.type_size

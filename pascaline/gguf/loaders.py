@@ -18,7 +18,7 @@ inference (the same functions its safetensors loader uses, fed the GGUF's logica
 
 ``prepare_gguf_model_`` is steps 2-3 (a meta model with the final module types: what a VRAM
 plan is made from), ``load_gguf_into_`` steps 2-4 for any family (the MMDiT and T5 loaders
-call it with ``sd3_name``/``t5_name``); ``load_gguf_dit``/``gguf_dit_skeleton`` and
+are in ``gguf.sd3``); ``load_gguf_dit``/``gguf_dit_skeleton``/``gguf_dit_config`` and
 ``Qwen3GGUF`` are the Z-Image ones. Which ``quant`` to pass on which card: ``policy``.
 """
 
@@ -152,6 +152,14 @@ def load_gguf_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, devi
         return load_gguf_into_(_dit_on_meta(gf, config), gf, names, dtype=dtype, device=device, quant=quant)
 
 
+def gguf_dit_config(path: str | Path):
+    """The ``ZImageDiTConfig`` of a Z-Image DiT GGUF, from its header."""
+    from pascaline.formats.zimage_dit import infer_dit_config
+
+    with open_gguf(path, "zimage-dit", _DIT_HINT) as gf:
+        return infer_dit_config(gf.shapes())
+
+
 def gguf_dit_skeleton(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, config=None, quant=None):
     """The DiT ``load_gguf_dit`` would build, on ``meta`` with its final module types and dtypes,
     read from the header alone: for ``plan_for_model`` and ``dequant_workspace_bytes``."""
@@ -160,8 +168,19 @@ def gguf_dit_skeleton(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, 
     return model.to(dtype)
 
 
+class EncoderGGUF:
+    """What a text-encoder GGUF class (``open(path)``, ``.file``, ``.skeleton(...)``) shares."""
+
+    @classmethod
+    def skeleton_from(cls, path: str | Path, *, dtype: torch.dtype = torch.bfloat16, quant=None):
+        """The ``skeleton`` of the file at ``path``, read from its header (then closed)."""
+        gguf = cls.open(path)
+        with gguf.file:
+            return gguf.skeleton(dtype=dtype, quant=quant)
+
+
 @dataclass
-class Qwen3GGUF:
+class Qwen3GGUF(EncoderGGUF):
     """A Qwen3 encoder GGUF whose header is read and config inferred, ready to ``load``.
 
     Split in two so the caller can look for the tokenizer before the long read.

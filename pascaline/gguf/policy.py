@@ -18,10 +18,19 @@ half the host RAM of bf16), and under every other policy (none, weight-only int8
 the GGUF blocks are kept as they are (``GGUFLinear``): they already are weight-only
 storage, with fewer bytes to hold and stream than int8, and a second rounding would buy
 no speed.
+
+A ``--quant`` the user names (``gguf_run_quant``): ``none`` keeps the blocks, ``w8a8`` and
+``w8a8-rot`` requantize them, and a weight-only scheme (``int8``, ``fp8-*``) is refused in one
+sentence: it would store the GGUF's weights again in another weight-only form, rounding them
+a second time into more bytes, for the same dequantize-then-matmul compute (the same rule as a
+pascaline pre-quantized file asked to run under another storage). ``auto`` is ``gguf_quant``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pascaline.errors import InvalidArgumentError
 from pascaline.quant.schemes import Int8Dynamic, scheme_from_name
 
 
@@ -33,3 +42,19 @@ def gguf_quant(quant):
     """
     scheme = scheme_from_name(quant) if isinstance(quant, str) and quant not in ("none", "auto") else quant
     return quant if isinstance(scheme, Int8Dynamic) else None
+
+
+def gguf_run_quant(path: str | Path, quant: str | None, auto: bool) -> str | None:
+    """The scheme the GGUF component at ``path`` loads with when a run asks for ``quant`` (a scheme
+    name or None), ``auto`` telling that the device's policy chose it (see the module docstring)."""
+    if quant is None or auto:
+        return gguf_quant(quant)
+    if isinstance(scheme_from_name(quant), Int8Dynamic):
+        return quant
+    from pascaline.gguf.names import inspect_gguf
+
+    kind = inspect_gguf(path).quant_type
+    raise InvalidArgumentError(
+        f"{Path(path).name} is a GGUF file ({kind}), which runs on its own blocks (--quant none or auto) "
+        f"or requantized for int8 compute (--quant w8a8), not stored again as {quant}; choose one of those."
+    )

@@ -34,7 +34,10 @@ pascaline's ``linear`` schedule is ComfyUI's ``simple`` for Z-Image (the same si
 whenever the step count divides 1000, 8 steps included) and ``normal`` for SD3. Quantized
 runs name ComfyUI's nearest load option (fp8 weight dtypes; int8 has none: ``default``);
 a pascaline pre-quantized or diffusers-folder file is named as it is and must be replaced
-by the original single file in ComfyUI.
+by the original single file in ComfyUI. A GGUF file (its model record has ``gguf``, the
+GGML type) is loaded by city96's ComfyUI-GGUF nodes, as ComfyUI users run them:
+``UnetLoaderGGUF`` for the diffusion model, ``CLIPLoaderGGUF``/``DualCLIPLoaderGGUF``/
+``TripleCLIPLoaderGGUF`` when a text encoder is one (they read safetensors files too).
 """
 
 from __future__ import annotations
@@ -72,8 +75,22 @@ def model_file(meta: Meta, role: str) -> str:
         raise ValueError(f"the generation metadata names no {role!r} model file") from None
 
 
+def is_gguf(meta: Meta, role: str) -> bool:
+    """Whether the model file of ``role`` is a GGUF (its record names the GGML type)."""
+    return "gguf" in meta.get("models", {}).get(role, {})
+
+
+def clip_loader(meta: Meta, node: str, *roles: str) -> str:
+    """``node`` (``CLIPLoader``, ``DualCLIPLoader``, ``TripleCLIPLoader``), or ComfyUI-GGUF's
+    version of it when one of the text encoders of ``roles`` is a GGUF file."""
+    return node + "GGUF" if any(is_gguf(meta, r) for r in roles) else node
+
+
 def unet_loader(g: Graph, meta: Meta) -> Link:
-    """``UNETLoader`` of the diffusion-model file, with the weight dtype of an fp8 run."""
+    """``UNETLoader`` of the diffusion-model file, with the weight dtype of an fp8 run
+    (``UnetLoaderGGUF`` for a GGUF file)."""
+    if is_gguf(meta, "dit"):
+        return out(g.add("UnetLoaderGGUF", unet_name=model_file(meta, "dit")))
     weight_dtype = _WEIGHT_DTYPES.get(meta.get("quant", "none"), "default")
     return out(g.add("UNETLoader", unet_name=model_file(meta, "dit"), weight_dtype=weight_dtype))
 

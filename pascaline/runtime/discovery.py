@@ -5,7 +5,14 @@ Accepted: a ComfyUI ``models/`` folder (each component's sub-folders, e.g.
 plus ``checkpoints/`` for bundled files, all searched recursively), a diffusers snapshot
 (its component sub-folders), or explicit paths for any component. File names are never
 trusted: every candidate's header is read (cheap, no tensor data) and split by
-``formats.detect.contents`` into the models it holds, each with its key prefix.
+``formats.detect.contents`` into the models it holds, each with its key prefix. A file that
+starts with the GGUF magic (``*.safetensors`` and ``*.gguf`` files are looked at) is
+classified by ``gguf.inspect_gguf`` instead, its main GGML type recorded.
+
+When several files hold a component, the one picked is (``_preference``): a safetensors file
+before any GGUF (a pascaline pre-quantized file whose storage fits the run's scheme, then
+the widest float storage, then one quantized under another scheme), then the GGUF with the
+most bits per weight (Q8_0 before Q6_K before Q4_K); pass the file to run another one.
 
 Which family runs is the caller's ``--model`` or, when left out, the one family whose
 diffusion model the folder holds. A VAE bundled in a checkpoint belongs to that
@@ -21,14 +28,23 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from pascaline.errors import InvalidArgumentError, MissingFileError, PascalineError, WrongModelError
+from pascaline.errors import (
+    InvalidArgumentError,
+    MissingFileError,
+    NotGGUFError,
+    NotSafetensorsError,
+    PascalineError,
+    WrongModelError,
+)
 from pascaline.families import all_families, family_of_kind
 from pascaline.families.base import Component, Family, Located
 from pascaline.formats.detect import KIND_NAMES, contents
 from pascaline.formats.safetensors_io import WeightSource
+from pascaline.gguf.reader import is_gguf_file
 from pascaline.quant.schemes import Scheme, same_storage, scheme_from_metadata, scheme_from_name
 
 BUNDLE_FOLDERS = ("checkpoints",)  # ComfyUI's folder for all-in-one files
+WEIGHT_FILES = ("*.safetensors", "*.gguf")  # what a folder scan opens; each is classified by content
 _DTYPE_ORDER = {"bfloat16": 0, "float16": 1, "float32": 2, "float8_e4m3fn": 3, "float8_e5m2": 4}
 
 
@@ -64,6 +80,7 @@ class Candidate:
     holds: dict[str, str] = field(default_factory=dict)  # kind -> key prefix
     dtype: str = "unknown"
     scheme: Scheme | None = None  # a pascaline-quantized file's own scheme
+    gguf: str | None = None  # a GGUF file's main GGML type ("Q4_K"); None for safetensors
 
     @property
     def kind(self) -> str:
@@ -73,8 +90,22 @@ class Candidate:
 
 
 def inspect_weights(path: Path) -> Candidate:
-    """Classify one file or component folder from its headers."""
-    with WeightSource(path) as src:
+    """Classify one file or component folder from its headers (a GGUF file by its own header)."""
+    path = Path(path)
+    if is_gguf_file(path):
+        from pascaline.gguf.names import inspect_gguf
+
+        summary = inspect_gguf(path)
+        return Candidate(path, {summary.kind: ""}, summary.quant_type, None, summary.quant_type)
+    try:
+        src = WeightSource(path)
+    except NotSafetensorsError:
+        if path.suffix.lower() != ".gguf":
+            raise
+        # neither format: named after what the file claims to be
+        raise NotGGUFError(f"{path} is not a GGUF file (it does not start with 'GGUF'); download or "
+                           "convert it again.") from None
+    with src:
         shapes = src.shapes()
         dtypes: dict[str, int] = {}
         for key in shapes:
@@ -82,7 +113,7 @@ def inspect_weights(path: Path) -> Candidate:
             name = str(info.dtype).removeprefix("torch.")
             dtypes[name] = dtypes.get(name, 0) + info.nbytes
         main_dtype = max(dtypes, key=dtypes.get) if dtypes else "unknown"
-        return Candidate(Path(path), contents(shapes), main_dtype, scheme_from_metadata(src.metadata))
+        return Candidate(path, contents(shapes), main_dtype, scheme_from_metadata(src.metadata))
 
 
 def is_diffusers_snapshot(root: Path) -> bool:
@@ -94,9 +125,15 @@ def _preference(c: Candidate, quant: str | None) -> tuple:
     # A pascaline pre-quantized file fits best when a run with the same storage is asked
     # for (int8 and w8a8 share theirs); then the widest float storage (requantizing fp8
     # loses more than quantizing bf16); a quantized file of another scheme comes last.
+    # GGUF files after every safetensors file (the more precise source of the two, and
+    # today's order unchanged), the most bits per weight first.
+    if c.gguf is not None:
+        from pascaline.gguf.ggml_types import BY_NAME
+
+        return (True, -BY_NAME[c.gguf].bits_per_weight, str(c.path))
     wants = scheme_from_name(quant) if quant not in (None, "none", "auto") else None
     fits = c.scheme is not None and wants is not None and same_storage(wants, c.scheme)
-    return (not fits, c.scheme is not None, _DTYPE_ORDER.get(c.dtype, 9), str(c.path))
+    return (False, not fits, c.scheme is not None, _DTYPE_ORDER.get(c.dtype, 9), str(c.path))
 
 
 @lru_cache(maxsize=64)
@@ -109,7 +146,8 @@ def _inspect_cached(path: Path, mtime_ns: int, size: int) -> Candidate | None:
 
 def scan(folders: list[Path]) -> tuple[list[Candidate], list[str]]:
     """Every readable weights file below ``folders`` (recursively), and the names of all seen."""
-    files = sorted({p for f in folders if f.is_dir() for p in f.rglob("*.safetensors") if p.is_file()})
+    files = sorted({p for f in folders if f.is_dir() for pattern in WEIGHT_FILES for p in f.rglob(pattern)
+                    if p.is_file()})  # fmt: skip
     found, seen = [], []
     for path in files:
         stat = path.stat()

@@ -1,7 +1,8 @@
 """``pascaline models DIR``: every component a folder holds, and what each family would run from it.
 
 Headers only (no tensor data is read). A row per model inside each file: a bundled
-checkpoint gives one row per component it holds (its MMDiT, its VAE, its CLIPs...).
+checkpoint gives one row per component it holds (its MMDiT, its VAE, its CLIPs...); a GGUF
+file one row with its main GGML type and its size on disk.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from pascaline.errors import MissingFileError, PascalineError
 from pascaline.families import all_families, family_of_kind
 from pascaline.formats.detect import contents
 from pascaline.formats.safetensors_io import WeightSource
-from pascaline.runtime.discovery import BUNDLE_FOLDERS, find_model_files, is_diffusers_snapshot, scan
+from pascaline.runtime.discovery import (
+    BUNDLE_FOLDERS,
+    Candidate,
+    find_model_files,
+    is_diffusers_snapshot,
+    scan,
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,14 @@ class Row:
     nbytes: int
     scheme: str | None  # a pascaline-quantized file's own scheme
     variant: str | None  # for a diffusion model: the variant whose settings suit it
+    gguf: str | None = None  # a GGUF file's main GGML type ("Q4_K"; ``dtype`` is the same)
+
+    @property
+    def storage(self) -> str:
+        """``bfloat16``, ``float8_e4m3fn [int8]`` (a pascaline-quantized file), ``gguf Q4_K``."""
+        if self.gguf is not None:
+            return f"gguf {self.gguf}"
+        return self.dtype + (f" [{self.scheme}]" if self.scheme else "")
 
 
 def _folders(root: Path) -> list[Path]:
@@ -34,6 +49,15 @@ def _folders(root: Path) -> list[Path]:
         return sorted(p for p in root.iterdir() if p.is_dir())
     names = {s for f in all_families() for c in f.components for s in c.folders} | set(BUNDLE_FOLDERS)
     return [root / n for n in sorted(names)]
+
+
+def _users(kind: str) -> tuple[str, ...]:
+    return tuple(f.label for f in all_families() if any(kind in c.kinds for c in f.components))
+
+
+def _gguf_row(cand: Candidate) -> Row:
+    return Row(cand.path, cand.kind, _users(cand.kind), cand.dtype, cand.path.stat().st_size, None,
+               _variant(cand.kind, cand.path, ""), cand.gguf)  # fmt: skip
 
 
 def _component_rows(path: Path, scheme) -> list[Row]:
@@ -47,8 +71,7 @@ def _component_rows(path: Path, scheme) -> list[Row]:
                 info = source.info(k)
                 name = str(info.dtype).removeprefix("torch.")
                 sizes[name] = sizes.get(name, 0) + info.nbytes
-            users = tuple(f.label for f in all_families() if any(kind in c.kinds for c in f.components))
-            rows.append(Row(path, kind, users, max(sizes, key=sizes.get) if sizes else "unknown",
+            rows.append(Row(path, kind, _users(kind), max(sizes, key=sizes.get) if sizes else "unknown",
                             sum(sizes.values()), scheme, _variant(kind, path, prefix)))  # fmt: skip
     return rows
 
@@ -80,12 +103,29 @@ def inventory(root: str | Path) -> tuple[list[Row], list[str]]:
                 continue  # tokenizer/, scheduler/: no weights
             if holds:
                 cands.append((folder, None))
-    else:
-        found, seen = scan(_folders(root))
-        cands = [(c.path, c.scheme) for c in found]
-        skipped = sorted(set(seen) - {p.name for p, _ in cands})
-    rows = [row for path, scheme in cands for row in _component_rows(path, scheme.name if scheme else None)]
+        return [row for path, scheme in cands for row in _component_rows(path, scheme)], skipped
+    found, seen = scan(_folders(root))
+    skipped = sorted(set(seen) - {c.path.name for c in found})
+    rows = [row for c in found for row in ([_gguf_row(c)] if c.gguf else
+                                           _component_rows(c.path, c.scheme.name if c.scheme else None))]
     return rows, skipped
+
+
+def used_rows(files) -> dict[str, Row]:
+    """``{role: Row}`` of the files a ``ModelFiles`` resolved (the part of a bundled checkpoint each
+    role uses): what ``info --models`` shows."""
+    from pascaline.runtime.discovery import inspect_weights
+
+    out = {}
+    for role, where in files.located.items():
+        cand = inspect_weights(where.path)
+        if cand.gguf is not None:
+            out[role] = _gguf_row(cand)
+            continue
+        kinds = files.family.component(role).kinds
+        rows = _component_rows(where.path, cand.scheme.name if cand.scheme else None)
+        out[role] = next(r for r in rows if r.kind in kinds)
+    return out
 
 
 def runnable(root: str | Path) -> list[tuple[str, str | None, dict[str, str] | str]]:

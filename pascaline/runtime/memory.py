@@ -95,21 +95,25 @@ def encoder_activation_bytes(config, tokens: int, compute, quant: str | None = N
 
 
 def plan_dit(family, cfg, dtype, quant: str | None, width: int, height: int, cond_tokens: int,
-             budget: int | None, prefetch: int = 1, batch: int = 1):
+             budget: int | None, prefetch: int = 1, batch: int = 1, model=None):
     """The ``OffloadPlan`` of ``family``'s diffusion model of ``cfg`` at ``width x height``, planned
     on ``meta`` (no weights).
 
     The same model build, quantization and estimate as a real run, so a budget too small
-    is found before any stage starts. Raises ``BudgetError`` like the real plan.
+    is found before any stage starts. ``model``: the model on ``meta`` as it will be loaded,
+    when it is not ``family.meta_dit`` quantized under ``quant`` (a GGUF's skeleton, whose
+    kept blocks add their dequantization workspace). Raises ``BudgetError`` like the real plan.
     """
+    from pascaline.gguf.module import dequant_workspace_bytes
     from pascaline.offload.plan import plan_for_model
     from pascaline.quant import quantize_, scheme_from_name
 
-    model = family.meta_dit(cfg, dtype)
-    if quant is not None:
-        quantize_(model, scheme_from_name(quant))
+    if model is None:
+        model = family.meta_dit(cfg, dtype)
+        if quant is not None:
+            quantize_(model, scheme_from_name(quant))
     activations = family.dit_activation_bytes(cfg, width, height, cond_tokens, dtype, quant, batch)
-    return plan_for_model(model, budget, activations, prefetch)
+    return plan_for_model(model, budget, activations + dequant_workspace_bytes(model, dtype), prefetch)
 
 
 def mmdit_activation_bytes(cfg, height: int, width: int, context_tokens: int, dtype, quant: str | None = None,

@@ -30,6 +30,7 @@ import torch
 
 from pascaline.errors import BudgetError, InvalidArgumentError
 from pascaline.families.base import Family, LoadContext, Located, Variant
+from pascaline.gguf.module import dequant_workspace_bytes
 from pascaline.runtime import sampling
 from pascaline.runtime.device import DeviceCaps, format_bytes
 from pascaline.runtime.discovery import ModelFiles, find_model_files
@@ -94,11 +95,17 @@ def component_quant(path: Path, quant: str | None, auto: bool) -> str | None:
 
     A pascaline pre-quantized file runs as itself when no scheme was asked for, or when
     ``"auto"`` asked for one of another storage (an fp8 file on a card whose policy is
-    w8a8); an explicit request of another storage is refused by the loader.
+    w8a8); an explicit request of another storage is refused by the loader. A GGUF file
+    follows ``gguf.policy.gguf_run_quant`` (None: its blocks kept).
     """
     from pascaline.formats.safetensors_io import WeightSource
+    from pascaline.gguf.reader import is_gguf_file
     from pascaline.quant.schemes import same_storage, scheme_from_metadata, scheme_from_name
 
+    if is_gguf_file(path):
+        from pascaline.gguf.policy import gguf_run_quant
+
+        return gguf_run_quant(path, quant, auto)
     with WeightSource(path) as source:
         stored = scheme_from_metadata(source.metadata)
     if stored is None:
@@ -139,6 +146,15 @@ def estimated_host_bytes(where: Path | Located, dtype: torch.dtype, quantized: b
     return total
 
 
+def gguf_types(files: ModelFiles) -> dict[str, str]:
+    """``{role: main GGML type}`` of the components ``files`` holds in GGUF files (headers only)."""
+    from pascaline.gguf.names import inspect_gguf
+    from pascaline.gguf.reader import is_gguf_file
+
+    return {role: inspect_gguf(where.path).quant_type for role, where in files.located.items()
+            if is_gguf_file(where.path)}  # fmt: skip
+
+
 def _available_ram() -> int | None:
     try:
         import psutil
@@ -176,6 +192,8 @@ class Pipeline:
         self.variant: Variant = variant or self.family.variant(None)
         self.quant, self.dtypes, self.keep_loaded = quant, dtypes, keep_loaded
         self.quant_is_auto = quant_is_auto
+        # the main GGML type of each component held in a GGUF file ("Q4_K")
+        self._gguf: dict[str, str] = gguf_types(files)
         # the scheme each component loads with, from the request and the files' own metadata
         self._schemes: dict[str, str | None] = {
             role: component_quant(files.where(role).path, quant if self.family.component(role).quantized
@@ -284,7 +302,7 @@ class Pipeline:
             extra |= {"slg_layers": list(o.slg_layers or ()), "slg_scale": o.slg_scale,
                       "slg_start": o.slg_start, "slg_end": o.slg_end}  # fmt: skip
         enhanced = self._enhanced.get((o.prompt, o.enhance_seed)) if o.enhance else None
-        return generation_metadata(
+        meta = generation_metadata(
             prompt=enhanced or o.prompt, original_prompt=o.prompt if enhanced else None,
             negative=o.negative_prompt, seed=o.seed, width=o.width, height=o.height,
             models=models, sampler=o.sampler, scheduler=o.scheduler, steps=o.steps, shift=o.shift, cfg=o.cfg,
@@ -293,6 +311,9 @@ class Pipeline:
             init_image=o.init_image if isinstance(o.init_image, (str, Path)) else None,
             without=[c.role for c in self.family.components if c.role not in self.files.located],
         )  # fmt: skip
+        for role, gtype in self._gguf.items():  # a GGUF model's record names its type
+            meta["models"][role]["gguf"] = gtype
+        return meta
 
     def enhance_prompt(self, text: str, *, seed: int | None = None) -> str:
         """``text`` expanded by the family's language model (Z-Image: the full Qwen3-4B of the text
@@ -348,8 +369,13 @@ class Pipeline:
 
     @property
     def quant_label(self) -> str:
-        """The scheme the diffusion model runs with (a pre-quantized file's own when none was asked)."""
-        return self._schemes[self.family.dit.role] or "none"
+        """What the diffusion model runs: its scheme (a pre-quantized file's own when none was asked),
+        ``"gguf Q4_K"`` for GGUF blocks kept, ``"w8a8 (from Q8_0)"`` for a GGUF requantized."""
+        role = self.family.dit.role
+        scheme, gtype = self._schemes[role], self._gguf.get(role)
+        if gtype is None:
+            return scheme or "none"
+        return f"gguf {gtype}" if scheme is None else f"{scheme} (from {gtype})"
 
     def load_(self) -> Pipeline:
         """Load every component into host RAM now (what ``keep_loaded`` keeps between calls)."""
@@ -472,10 +498,22 @@ class Pipeline:
         return lora_records(self._loras + self._read_loras(options.loras))
 
     def host_needs(self) -> dict[str, int]:
-        """Estimated host bytes of each model not loaded yet, as it will be loaded."""
-        return {role: estimated_host_bytes(self.files.where(role), self._stage_dtype(role),
-                                           self._schemes[role] is not None)
-                for role in self.files.roles if role not in self._models}  # fmt: skip
+        """Estimated host bytes of each model not loaded yet, as it will be loaded (a GGUF model:
+        the bytes of its skeleton, the GGUF blocks and every tensor it widens)."""
+        from pascaline.offload.plan import module_nbytes
+
+        def need(role: str) -> int:
+            if role in self._gguf:
+                return module_nbytes(self._gguf_skeleton(role))
+            return estimated_host_bytes(self.files.where(role), self._stage_dtype(role),
+                                        self._schemes[role] is not None)  # fmt: skip
+
+        return {role: need(role) for role in self.files.roles if role not in self._models}
+
+    def _gguf_skeleton(self, role: str):
+        """The GGUF model of ``role`` on ``meta``, as it will be loaded."""
+        where = self.files.where(role)
+        return self.family.gguf_skeleton(role, where, self._stage_dtype(role), self._schemes[role])
 
     def _check_host_ram(self) -> None:
         """Refuse a run that would exhaust the RAM available now, before any weight is read.
@@ -492,14 +530,15 @@ class Pipeline:
         from pascaline.errors import HostMemoryError
 
         largest = max(needs, key=needs.get)
-        quant = self._schemes[largest]
+        quant, gtype = self._schemes[largest], self._gguf.get(largest)
         label = self.family.component(largest).label
-        what = quant or str(self._stage_dtype(largest)).removeprefix("torch.")
+        what = quant or (f"gguf {gtype}" if gtype else str(self._stage_dtype(largest)).removeprefix("torch."))
         held = "the models kept together" if self.keep_loaded else f"the {label} ({what})"
+        counted = [r for r in (needs if self.keep_loaded else [largest]) if r not in self._gguf]
         quantized = sum(estimated_host_bytes(self.files.where(r), self._stage_dtype(r),
-                                             self.family.component(r).quantized)
-                        for r in (needs if self.keep_loaded else [largest]))  # fmt: skip
-        hint = f"; with --quant w8a8 that is about {format_bytes(quantized)}" if quantized < need else ""
+                                             self.family.component(r).quantized) for r in counted)  # fmt: skip
+        hint = ("" if quant or gtype or quantized >= need
+                else f"; with --quant w8a8 that is about {format_bytes(quantized)}")
         raise HostMemoryError(
             f"{held} would need about {format_bytes(need)} of RAM but only {format_bytes(available)} is "
             f"available; close other programs{hint}."
@@ -561,16 +600,23 @@ class Pipeline:
         size = (options.width, options.height)
         if size in self._fits:
             return
-        cfg = self.dit_config()
-        self.family.check_size(cfg, *size)
+        self.family.check_size(self.dit_config(), *size)
         if self.budget_bytes is not None:
-            from pascaline.runtime.memory import plan_dit
-
-            role = self.family.dit.role
-            # the shortest conditioning: a longer one only adds its tokens to the real plan's estimate
-            plan_dit(self.family, cfg, self.dtypes["dit"], self._schemes[role], *size,
-                     self.family.min_cond_tokens(cfg), self.budget_bytes, self.prefetch)  # fmt: skip
+            self.plan_dit(*size)  # raises BudgetError
         self._fits.add(size)
+
+    def plan_dit(self, width: int, height: int, cond_tokens: int | None = None, batch: int = 1):
+        """The diffusion model's ``OffloadPlan`` at ``width x height``, planned on ``meta`` from its
+        file's header (a GGUF's skeleton, blocks and dequantization workspace counted) before any
+        weight is read; ``cond_tokens`` defaults to the shortest conditioning (a longer one only
+        adds its tokens to the real plan's estimate). Raises ``BudgetError`` like the real plan."""
+        from pascaline.runtime.memory import plan_dit
+
+        cfg, role = self.dit_config(), self.family.dit.role
+        skeleton = self._gguf_skeleton(role) if role in self._gguf else None
+        tokens = self.family.min_cond_tokens(cfg) if cond_tokens is None else cond_tokens
+        return plan_dit(self.family, cfg, self.dtypes["dit"], self._schemes[role], width, height, tokens,
+                        self.budget_bytes, self.prefetch, batch, model=skeleton)  # fmt: skip
 
     # --- stages ---------------------------------------------------------------------------
 
@@ -596,6 +642,7 @@ class Pipeline:
                 with self._loaded(role) as encoder:
                     act = self.family.encoder_activation_bytes(role, encoder, prompts, self.dtypes["encoder"],
                                                                self._schemes[role])  # fmt: skip
+                    act += dequant_workspace_bytes(encoder.model, self.dtypes["encoder"])
                     with self._placed(encoder.model, role, act, ledger, report):
                         outputs[role] = self.family.encode(role, encoder, prompts)
                 self._report("encode", i + 1, len(roles))
@@ -651,8 +698,9 @@ class Pipeline:
             self._use_loras(model, options)  # before planning: branch tensors stream with their blocks
             tokens = max(self.family.cond_tokens(c) for c in conds)
             size = (options.width, options.height)
-            act = [self.family.dit_activation_bytes(model.config, *size, tokens, dtype, quant, batch)
-                   for batch in (1, 2)]
+            workspace = dequant_workspace_bytes(model, dtype)  # 0 unless GGUF blocks are kept
+            act = [workspace + self.family.dit_activation_bytes(model.config, *size, tokens, dtype, quant, b)
+                   for b in (1, 2)]
             batch = self._cfg_batch(model, options, conds, *act)
             report.cfg_batched = batch
             with self._placed(model, "dit", act[1] if batch else act[0], ledger, report):
@@ -813,9 +861,10 @@ def load_pipeline(
     pipe = Pipeline(
         files, caps, budget_bytes=budget, quant=quant_name, quant_is_auto=quant == "auto",
         dtypes=stage_dtypes(caps, parse_dtype(dtype)), keep_loaded=False,
-        variant=variant, tokenizers=family.load_tokenizers(files, tokenizer), progress=progress,
-        prefetch=prefetch, batch_cfg=batch_cfg, loras=loras, lora_mode=lora_mode,
+        variant=variant, progress=progress, prefetch=prefetch, batch_cfg=batch_cfg, loras=loras,
+        lora_mode=lora_mode,
     )  # fmt: skip
+    pipe.tokenizers = family.load_tokenizers(files, tokenizer)  # after the files' schemes are checked
     if variant is None:
         pipe.variant = family.variant(family.guess_variant(pipe.dit_config()))
     pipe._check_loras(pipe._loras)

@@ -13,6 +13,7 @@ from pascaline.errors import MissingFileError, WrongModelError
 from pascaline.families import all_families
 from pascaline.formats.detect import describe, guess_kind
 from pascaline.formats.safetensors_io import WeightSource
+from pascaline.gguf.reader import is_gguf_file
 from pascaline.quant.files import (
     QuantizeResult,
     check_scheme,
@@ -30,6 +31,11 @@ def quantizable_kinds() -> dict[str, object]:
 def _source_kind(path: Path) -> str:
     # a diffusers snapshot root stands for its diffusion model, then its text encoder
     folder = next((path / s for s in ("transformer", "text_encoder") if (path / s).is_dir()), path)
+    if is_gguf_file(folder):
+        raise WrongModelError(
+            f"{path} is a GGUF file, which generate runs as it is (in its models folder or given with --dit "
+            "or an encoder option); pascaline quantize reads bf16, fp32 or fp8 safetensors files."
+        )
     with WeightSource(folder) as probe:
         refuse_quantized(probe.metadata, path)
         shapes = probe.shapes()

@@ -187,3 +187,14 @@ def t5_gguf(model, path: Path, qtype: str, *, keep_float: tuple[str, ...] = (), 
     held = write_gguf(path, tensors, arch="t5encoder", seed=seed)
     back = {v: k for k, v in names.items()}
     return {back[k]: v for k, v in held.items()}
+
+
+def mmdit_gguf(original_sd: dict[str, torch.Tensor], path: Path, qtype: str, *, seed: int = 0):
+    """An SD3 MMDiT state dict (original names, no prefix) as city96's converter writes it (``sd3``:
+    1-D tensors F32, linear weights whose rows fit the blocks in ``qtype``, the rest F16); returns
+    the held values by name."""
+    tensors = {}
+    for name, t in original_sd.items():
+        v = t.float().numpy()
+        tensors[name] = (v, "F32" if v.ndim == 1 else qtype if v.ndim == 2 and fits(v, qtype) else "F16")
+    return write_gguf(path, tensors, arch="sd3", seed=seed)
