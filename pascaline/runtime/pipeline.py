@@ -536,7 +536,8 @@ class Pipeline:
         held = "the models kept together" if self.keep_loaded else f"the {label} ({what})"
         counted = [r for r in (needs if self.keep_loaded else [largest]) if r not in self._gguf]
         quantized = sum(estimated_host_bytes(self.files.where(r), self._stage_dtype(r),
-                                             self.family.component(r).quantized) for r in counted)  # fmt: skip
+                                             self.family.component(r).quantized)
+                        for r in counted)  # fmt: skip
         hint = ("" if quant or gtype or quantized >= need
                 else f"; with --quant w8a8 that is about {format_bytes(quantized)}")
         raise HostMemoryError(
