@@ -356,8 +356,12 @@ class _ProgressBars:
 
         bar = self.bars.get(phase)
         if bar is None:
-            label = _PHASES.get(phase, phase)
-            bar = self.bars[phase] = tqdm(total=total, desc=label, leave=False, file=sys.stderr)
+            if phase.startswith("load:"):  # one component's file, in bytes read
+                label = f"loading {phase.removeprefix('load:').replace('_', ' ')}"
+                bar = tqdm(total=total, desc=label, leave=False, file=sys.stderr, unit="B", unit_scale=True)
+            else:
+                bar = tqdm(total=total, desc=_PHASES.get(phase, phase), leave=False, file=sys.stderr)
+            self.bars[phase] = bar
         bar.update(done - bar.n)
         if done >= total:
             self.bars.pop(phase).close()

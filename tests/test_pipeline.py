@@ -301,3 +301,20 @@ def test_auto_quantizes_when_the_float_model_would_not_fit_in_ram(models, monkey
     assert p.notes[0].endswith("is available, using the pre-quantized z_image_tiny_int8.safetensors.")
     monkeypatch.setattr(pipeline_module, "_available_ram", lambda: 1 << 40)
     assert load_pipeline(folder, device="cpu", keep_loaded=False).quant is None  # enough RAM: the policy
+
+
+def test_loading_reports_bytes_read_per_component(models):
+    heard = []
+    p = load_pipeline(models.comfy, device="cpu", quant="none", keep_loaded=False,
+                      progress=lambda phase, done, total: heard.append((phase, done, total)))  # fmt: skip
+    p.generate(PROMPT, width=32, height=32, seed=1, steps=1, output="latent")
+    loads = {phase: [] for phase, _, _ in heard if phase.startswith("load:")}
+    for phase, done, total in heard:
+        if phase in loads:
+            loads[phase].append((done, total))
+    assert set(loads) == {"load:text_encoder", "load:dit"}  # the VAE is not needed for a latent
+    for phase, seen in loads.items():
+        total = seen[0][1]
+        dit = pipeline_module._source_bytes(p.files.where(phase.removeprefix("load:")))
+        assert total == dit and seen[0][0] == 0 and seen[-1] == (total, total)
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) > 3  # grows tensor by tensor

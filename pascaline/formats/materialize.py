@@ -16,7 +16,9 @@ pre-quantized file) carry the module's own names and are taken as they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -73,6 +75,22 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype)
 
 
+# Who hears of the bytes a load reads (``reading``): the pipeline's per-component progress. A
+# context variable rather than a parameter, because every family's loaders end here and the
+# caller that wants progress (the pipeline) sits above them all.
+_READ_PROGRESS: ContextVar[Callable[[int], None] | None] = ContextVar("pascaline_read_progress", default=None)
+
+
+@contextmanager
+def reading(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, ``callback(nbytes)`` hears of every tensor a loader reads from its file."""
+    token = _READ_PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _READ_PROGRESS.reset(token)
+
+
 def load_state_(
     model: nn.Module,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -93,7 +111,10 @@ def load_state_(
     keep = set(keep_dtype)
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
+    heard = _READ_PROGRESS.get()
     for key, tensor in tensors:
+        if heard is not None:
+            heard(tensor.numel() * tensor.element_size())
         owner, name = _owner(model, key)
         convert = getattr(owner, "state_from_float", None)
         if convert is not None and key not in expected and (tensor.is_floating_point() or name == "weight"):

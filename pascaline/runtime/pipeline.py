@@ -155,6 +155,16 @@ def gguf_types(files: ModelFiles) -> dict[str, str]:
             if is_gguf_file(where.path)}  # fmt: skip
 
 
+def _source_bytes(where: Located) -> int:
+    """Bytes of a component's tensors in its file (those under its prefix in a bundled checkpoint)."""
+    from pascaline.formats.safetensors_io import WeightSource
+
+    if where.path.is_file() and where.path.suffix == ".gguf":
+        return where.path.stat().st_size
+    with WeightSource(where.path) as source:
+        return sum(source.info(k).nbytes for k in source.shapes() if k.startswith(where.prefix))
+
+
 def _available_ram() -> int | None:
     try:
         import psutil
@@ -409,8 +419,26 @@ class Pipeline:
                 merge = self.lora_mode == "merge"
                 self._merged_at_load = bool(self._loras) and merge and self._dit_mergeable()
                 ctx.loras = self._loras if self._merged_at_load else ()
-            self._models[role] = self.family.load_component(role, self.files.where(role), ctx)
+            self._models[role] = self._load_with_progress(role, ctx)
         return self._models[role]
+
+    def _load_with_progress(self, role: str, ctx: LoadContext):
+        """``family.load_component`` with ``progress("load:<role>", bytes read, bytes in the file)``."""
+        from pascaline.formats.materialize import reading
+
+        where = self.files.where(role)
+        total = max(1, _source_bytes(where))
+        done = [0]
+
+        def heard(nbytes: int) -> None:
+            done[0] += nbytes
+            self._report(f"load:{role}", min(done[0], total), total)
+
+        self._report(f"load:{role}", 0, total)
+        with reading(heard):
+            model = self.family.load_component(role, where, ctx)
+        self._report(f"load:{role}", total, total)
+        return model
 
     # --- LoRAs ----------------------------------------------------------------------------
 
