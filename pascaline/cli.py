@@ -493,11 +493,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
     root = Path(args.folder).expanduser()
     rows, skipped = inventory(root)
     width = max((len(str(r.path.relative_to(root))) for r in rows), default=4)
-    print(f"{'file':<{width}}  {'family':<20} {'component':<36} {'storage':<14} {'size':>10}  variant")
+    kind_width = max((len(KIND_NAMES[r.kind]) for r in rows), default=9)
+    head = f"{'file':<{width}}  {'family':<20} {'component':<{kind_width}} {'storage':<14} {'size':>10}"
+    print(f"{head}  variant")
     for r in rows:
         family = " / ".join(r.families) or "(not run)"
         name = str(r.path.relative_to(root))
-        print(f"{name:<{width}}  {family:<20} {KIND_NAMES[r.kind]:<36} {r.storage:<14} "
+        print(f"{name:<{width}}  {family:<20} {KIND_NAMES[r.kind]:<{kind_width}} {r.storage:<14} "
               f"{format_bytes(r.nbytes):>10}  {r.variant or ''}")
     if skipped:
         print(f"not recognised: {', '.join(skipped)}")
