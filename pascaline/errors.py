@@ -62,3 +62,7 @@ class DeviceError(PascalineError):
 
 class RequestError(InvalidArgumentError):
     """A request (over HTTP or from a batch file) has an unknown field or a value of the wrong type."""
+
+
+class MissingExtraError(PascalineError):
+    """An optional dependency a command needs (a pyproject extra) is not installed."""
