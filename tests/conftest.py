@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import torch
 
@@ -6,12 +8,15 @@ from tests.factories.qwen3 import cached_tokenizer
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["cuda"] = pytest.mark.skip(reason="needs a CUDA GPU")
+    if importlib.util.find_spec("ray") is None:
+        skips["ray"] = pytest.mark.skip(reason="needs the ray extra: pip install -e '.[ray]'")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from the HTTP form, both because a batch file sits on disk next to its inputs: a
 a seed gets ``batch_seed + k`` (k: the row's place in the file from 0, as ``generate --count``
 numbers its seeds), and ``init_image`` is an image file's path (relative to the JOBS file's
 folder) rather than base64. The format is told from the content: a first line that opens a
-JSON object is JSONL, anything else is a CSV header of field names. A mistake in one row
+JSON object (or array) is JSONL, anything else is a CSV header of field names. A mistake in one row
 makes that row an error and leaves the others; a file that cannot be read, holds no rows
 or has a CSV header naming unknown fields is refused whole (``JobsFileError``).
 """
@@ -116,7 +116,7 @@ def _read_text(path: Path) -> str:
 
 def _is_jsonl(text: str) -> bool:
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return first.startswith("{")
+    return first.startswith(("{", "["))  # no CSV header starts so; a list row is an error of its own
 
 
 # ---------------------------------------------------------------------------- the two formats

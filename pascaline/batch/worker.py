@@ -74,7 +74,10 @@ class BatchWorker:
         self.info = WorkerInfo(name, socket.gethostname(), os.getpid())
 
     def host(self) -> str:
-        """The machine this worker runs on (workers of one machine load one after the other)."""
+        """The machine this worker runs on (workers of one machine load one after the other, so
+        the code they all need is imported here first, side by side)."""
+        import pascaline.runtime.pipeline  # noqa: F401
+
         return self.info.host
 
     def load(self) -> WorkerInfo:
