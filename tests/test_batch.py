@@ -147,3 +147,56 @@ def test_user_mistakes_are_one_sentence_exit_2_and_write_nothing(models, tmp_pat
         assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
         assert captured.err.startswith("pascaline: error: ") and message in captured.err, captured.err
     assert not (tmp_path / "out").exists()
+
+
+class FakeRay:
+    """What RayPool._plan reads of a cluster: its live nodes and their resources."""
+
+    def __init__(self, *nodes: dict):
+        self._nodes = [{"Alive": True, "Resources": r} for r in nodes] + [
+            {"Alive": False, "Resources": {"GPU": 8}}
+        ]
+
+    def nodes(self):
+        return self._nodes
+
+
+def test_workers_get_a_card_each_and_probe_it_themselves_or_a_share_of_the_cpus():
+    from pascaline.batch.ray_pool import RayPool
+    from pascaline.errors import DeviceError, InvalidArgumentError
+
+    shelf = FakeRay(
+        {"CPU": 8, "GPU": 3}, {"CPU": 4, "GPU": 1}
+    )  # three GTX 1070s in one box, an RTX 2060 in another
+    settings = {"models": "/m", "device": "auto", "vram_budget": "auto", "quant": "auto"}
+    pool = RayPool(settings)
+    assert pool._plan(shelf) == (4, {"num_gpus": 1, "num_cpus": 2})  # 8 CPUs / 3 cards: the fewest per card
+    # the workers get the settings, not the driver's device: each probes its own card and budget
+    assert pool.settings == {**settings, "device": "cuda"} and "caps" not in pool.settings
+    assert RayPool(settings, workers=2)._plan(shelf)[0] == 2
+    cpus = FakeRay({"CPU": 2}, {"CPU": 6})
+    assert RayPool({**settings, "device": "cpu"}, workers=2)._plan(shelf) == (
+        2,
+        {"num_gpus": 0, "num_cpus": 4},
+    )
+    assert (
+        RayPool({**settings, "device": "cpu"}, workers=3)._plan(cpus)[1]["num_cpus"] == 2
+    )  # 2 + 6: 1 + 3 fit
+    assert RayPool(settings)._plan(cpus) == (1, {"num_gpus": 0, "num_cpus": 6})  # on the larger node
+    mistakes = [
+        (
+            RayPool(settings, workers=5),
+            shelf,
+            "--workers 5 is more than the 4 GPUs of the Ray cluster; give at most 4",
+        ),
+        (RayPool(settings, workers=9), cpus, "--workers 9 is more than the 8 CPUs of the Ray cluster"),
+        (RayPool({**settings, "device": "cuda"}), cpus, "--device cuda, but the Ray cluster has no GPU"),
+        (
+            RayPool({**settings, "device": "cuda:1"}),
+            shelf,
+            "--device cuda:1 names one card, but on Ray every",
+        ),
+    ]
+    for pool, cluster, message in mistakes:
+        with pytest.raises((InvalidArgumentError, DeviceError), match=message.replace("(", r"\(")):
+            pool._plan(cluster)

@@ -82,6 +82,7 @@ class RayPool:
         self._waiting: dict[str, deque[_Actor]] = defaultdict(deque)  # node -> actors not loading yet
         self._loading: set[str] = set()  # nodes with an actor loading
         self._connected = False
+        self._last_cause: str | None = None  # why the last worker died
 
     # --- start and stop -------------------------------------------------------------------
 
@@ -134,13 +135,14 @@ class RayPool:
         if device != "cpu" and gpus > 0:
             count = self.workers or gpus
             _check_count(count, gpus, "GPUs", "one worker per card")
-            share = min(math.floor(n["CPU"] / n["GPU"]) for n in nodes if n.get("GPU") and n.get("CPU"))
+            shares = [math.floor(n["CPU"] / n["GPU"]) for n in nodes if n.get("GPU") and n.get("CPU")]
+            share = min(shares, default=1)
             self.settings["device"] = "cuda"
             return count, {"num_gpus": 1, "num_cpus": max(1, share)}
         count = self.workers or 1
         _check_count(count, cpus, "CPUs", "at least one CPU per worker")
         self.settings["device"] = "cpu"
-        return count, {"num_gpus": 0, "num_cpus": max(1, cpus // count)}
+        return count, {"num_gpus": 0, "num_cpus": _cpu_share([int(n.get("CPU", 0)) for n in nodes], count)}
 
     def close(self) -> None:
         """Stop the actors (and Ray, when this pool started or joined it)."""
@@ -233,6 +235,7 @@ class RayPool:
         if kind == "load":
             self._loading.discard(actor.node)
             self._load_next(actor.node)
+        self._last_cause = cause
         if task is None:
             actor.failures += 1
             if actor.failures > MAX_RESTARTS:
@@ -258,9 +261,8 @@ class RayPool:
         errors = [i.error for i in self.infos.values() if i.error]
         if errors and len(errors) == len(self._actors):
             return errors[0]
-        return (
-            f"every worker of the batch is gone with {left} rows left; rerun the same command to finish them."
-        )
+        last = f" (last: {self._last_cause})" if self._last_cause else ""
+        return f"every worker of the batch is gone with {left} rows left{last}; rerun to finish them."
 
 
 def _check_count(count: int, have: int, what: str, rule: str) -> None:
@@ -271,6 +273,13 @@ def _check_count(count: int, have: int, what: str, rule: str) -> None:
             f"--workers {count} is more than the {have} {what} of the Ray cluster; give "
             f"at most {have} ({rule})."
         )
+
+
+def _cpu_share(node_cpus: list[int], count: int) -> int:
+    """The most CPUs each of ``count`` workers can have with every one of them placed on some node."""
+    return next(
+        share for share in range(max(node_cpus), 0, -1) if sum(n // share for n in node_cpus) >= count
+    )
 
 
 def _lost_errors(ray) -> tuple[type[BaseException], ...]:

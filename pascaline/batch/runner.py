@@ -24,7 +24,7 @@ from pascaline.batch.jobs import JobsFile, Row
 from pascaline.batch.manifest import Manifest, is_done
 from pascaline.batch.worker import BatchWorker, Result, Task, WorkerInfo
 from pascaline.errors import InvalidArgumentError
-from pascaline.runtime.options import RANDOM_SEED_RANGE
+from pascaline.runtime.options import RANDOM_SEED_RANGE, SEED_RANGE
 
 PATH_SETTINGS = ("models", "dit", "text_encoder", "vae", "tokenizer")
 Progress = Callable[[int, int, dict[str, float]], None]  # (rows done, rows to do, images/min per worker)
@@ -96,6 +96,10 @@ def run_batch(
         import_ray()  # before anything is read: a missing extra is one sentence
     if workers is not None and workers < 1:
         raise InvalidArgumentError(f"--workers must be at least 1, not {workers}.")
+    if seed is not None and not 0 <= seed < SEED_RANGE:
+        raise InvalidArgumentError(
+            f"the batch seed {seed} is out of range; use a whole number from 0 to 2**64-1."
+        )
     jobs_file = JobsFile.read(Path(jobs).expanduser())
     settings = _absolute(settings)
     pipe = _checked_pipeline(settings, use_ray)  # every file found and checked, no weights read
