@@ -32,7 +32,7 @@ pytestmark = pytest.mark.ray
 
 PROMPT, OTHER = "a lighthouse at dusk", "a red fox in the snow"
 FAST = {"width": 64, "height": 64, "steps": 2}
-SLOW = {"width": 64, "height": 64, "steps": 24}
+SLOW = {"width": 64, "height": 64, "steps": 12}
 LOAD = ["--quant", "none", "--device", "cpu", "--vram-budget", "64MiB", "--workers", "2"]
 START_TIMEOUT = 120.0
 

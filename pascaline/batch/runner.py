@@ -111,19 +111,25 @@ def run_batch(
         load = {"model": settings.get("model") or pipe.variant.name}
         rows = jobs_file.rows(batch_seed, load=load, check=pipe.resolve)
         done = {r.id for r in rows if r.ok and is_done(previous.get(r.id), r.record, folder)}
-        ids = {r.id for r in rows}
-        manifest.start_(e for key, e in previous.items() if key in done or key not in ids)
+        todo = [r for r in rows if r.ok and r.id not in done]
         summary = BatchSummary(len(rows), skipped=len(done), seed=batch_seed, manifest=manifest.path)
+        pool = _pool(use_ray, pipe, settings, workers, address, echo, warn) if todo else None
         try:
-            for row in rows:
-                if not row.ok:
-                    _record(manifest, _entry(row, batch_seed), summary, warn)
-            todo = [r for r in rows if r.ok and r.id not in done]
-            if todo:
-                pool = _pool(use_ray, pipe, settings, workers, address, echo, warn)
-                _run(pool, todo, folder, manifest, batch_seed, summary, progress, warn, start)
+            if pool is not None:
+                pool.start()  # its mistakes (--workers, --device) come before anything is written
+            ids = {r.id for r in rows}
+            manifest.start_(e for key, e in previous.items() if key in done or key not in ids)
+            try:
+                for row in rows:
+                    if not row.ok:
+                        _record(manifest, _entry(row, batch_seed), summary, warn)
+                if pool is not None:
+                    _run(pool, todo, folder, manifest, batch_seed, summary, progress, warn, start)
+            finally:
+                manifest.close()
         finally:
-            manifest.close()
+            if pool is not None:
+                pool.close()
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -143,22 +149,20 @@ def _run(
 
     by_id = {r.id: r for r in todo}
     made: dict[str, int] = {}
-    try:
-        pool.start()
-        tasks = (Task(r.id, r.options) for r in todo)
-        for i, result in enumerate(pool.run(tasks), 1):
-            if not summary.startup_seconds:
-                summary.startup_seconds = min(pool.ready_at.values(), default=time.perf_counter()) - start
-            row = by_id[result.id]
-            if result.error is None:
-                save_png(result.image, folder / f"{row.id}.png", result.meta)
-                made[result.worker.name] = made.get(result.worker.name, 0) + 1
-            _record(manifest, _entry(row, batch_seed, result), summary, warn)
-            summary.rates = _rates(made, pool.ready_at)
-            if progress is not None:
-                progress(i, len(todo), summary.rates)
-    finally:
-        pool.close()
+    if progress is not None:
+        progress(0, len(todo), {})  # the bar from the start, while the workers load
+    tasks = (Task(r.id, r.options) for r in todo)
+    for i, result in enumerate(pool.run(tasks), 1):
+        if not summary.startup_seconds:
+            summary.startup_seconds = min(pool.ready_at.values(), default=time.perf_counter()) - start
+        row = by_id[result.id]
+        if result.error is None:
+            save_png(result.image, folder / f"{row.id}.png", result.meta)
+            made[result.worker.name] = made.get(result.worker.name, 0) + 1
+        _record(manifest, _entry(row, batch_seed, result), summary, warn)
+        summary.rates = _rates(made, pool.ready_at)
+        if progress is not None:
+            progress(i, len(todo), summary.rates)
 
 
 def _record(manifest: Manifest, entry: dict[str, Any], summary: BatchSummary, warn) -> None:
