@@ -277,3 +277,25 @@ def test_an_interrupted_driver_is_resumed_by_a_rerun(models, cluster, tmp_path, 
         e["file"]: (out / e["file"]).stat().st_mtime_ns for e in first
     } == stats  # finished rows untouched
     assert {e["batch_seed"] for e in final} == {first[0]["batch_seed"]}  # the rerun took the first run's seed
+
+
+def test_an_address_nothing_answers_at_is_one_sentence_and_exit_2(models, tmp_path, capsys):
+    jobs, out = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": PROMPT, **FAST}]), tmp_path / "out"
+    port = free_port()  # nobody listens there: Ray itself would retry for minutes
+    args = [
+        "batch",
+        str(jobs),
+        "--models",
+        str(models.comfy),
+        "--out",
+        str(out),
+        "--address",
+        f"127.0.0.1:{port}",
+    ]
+    assert main([*args, *LOAD]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"pascaline: error: nothing answers at 127.0.0.1:{port} (Connection refused); check the address, "
+        "and that 'ray start --head' runs there.\n"
+    )
+    assert not (out / "results.jsonl").exists() and not list(out.glob("*.png"))

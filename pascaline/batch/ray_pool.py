@@ -100,6 +100,8 @@ class RayPool:
         return self
 
     def _connect(self, ray) -> None:
+        if self.address is not None:
+            _check_reachable(self.address)
         try:
             ray.init(
                 address=self.address or "local",  # "local": a new instance, never a stale one found on disk
@@ -263,6 +265,38 @@ class RayPool:
             return errors[0]
         last = f" (last: {self._last_cause})" if self._last_cause else ""
         return f"every worker of the batch is gone with {left} rows left{last}; rerun to finish them."
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse an address nothing answers at: ``ray.init`` would retry it for minutes."""
+    import socket
+
+    try:  # "auto" and "localhost" as Ray reads them (the cluster this machine started)
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # another Ray: its own init says what is wrong
+        return
+    try:
+        where = canonicalize_bootstrap_address(address)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"--address {address} is not HOST:PORT (or auto); give the address "
+            "'ray start --head' printed, such as 192.168.1.10:6379."
+        ) from None
+    except ConnectionError:
+        raise DeviceError(
+            "--address auto found no Ray cluster started on this machine; run 'ray start "
+            "--head' first, or give the head's HOST:PORT."
+        ) from None
+    if where is None or address.startswith("ray://"):
+        return
+    host, _, port = where.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise DeviceError(
+            f"nothing answers at {address} ({exc.strerror or exc}); check the address, and that "
+            "'ray start --head' runs there."
+        ) from None
 
 
 def _check_count(count: int, have: int, what: str, rule: str) -> None:
