@@ -1,4 +1,4 @@
-"""The `pascaline` command: generate | models | bench | quantize | info.
+"""The `pascaline` command: generate | models | bench | quantize | info | serve | batch.
 
 This is the only module that reads argv or environment variables. A user mistake
 (any ``PascalineError``) prints one sentence and exits with code 2; a bug keeps its
@@ -697,9 +697,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_bench(sub)
     _add_quantize(sub)
+    from pascaline.batch.command import add_parser as add_batch
     from pascaline.serve.command import add_parser as add_serve
 
     add_serve(sub)
+    add_batch(sub)
     return parser
 
 

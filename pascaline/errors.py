@@ -90,3 +90,5 @@ class PascalineWarning(UserWarning):
 def plural(count: int, word: str, many: str | None = None) -> str:
     """``plural(1, "step") -> "1 step"``, ``plural(8, "step") -> "8 steps"`` (``many`` for odd plurals)."""
     return f"{count:,} {word if count == 1 else many or word + 's'}"
+class MissingExtraError(PascalineError):
+    """An optional dependency a command needs (a pyproject extra) is not installed."""

@@ -14,14 +14,10 @@ from contextlib import closing
 from functools import partial
 from pathlib import Path
 
-from pascaline.errors import InvalidArgumentError, PascalineError
+from pascaline.errors import InvalidArgumentError, MissingExtraError
 
 DEFAULT_PORT = 8190  # next to ComfyUI's 8188, so both can run
 DEFAULT_OUT = "pascaline-serve"
-
-
-class MissingExtraError(PascalineError):
-    """The server's optional dependencies are not installed."""
 
 
 def add_parser(sub) -> None:

@@ -172,14 +172,15 @@ def _job(row: sqlite3.Row) -> Job:
     )  # fmt: skip
 
 
-def lock_folder(folder: Path):
-    """Hold the output folder for this process (two servers on one job table would run jobs twice).
+def lock_folder(folder: Path, command: str = "serve"):
+    """Hold the output folder for this process (two servers on one job table would run jobs twice;
+    ``command="batch"``: two batches on one manifest).
 
     The lock goes with the process, a killed one included; keep the returned file open.
     """
     from pascaline.errors import InvalidArgumentError
 
-    handle = (Path(folder) / ".serve.lock").open("a+")
+    handle = (Path(folder) / f".{command}.lock").open("a+")
     try:
         if os.name == "nt":
             import msvcrt
@@ -192,6 +193,6 @@ def lock_folder(folder: Path):
     except OSError:
         handle.close()
         raise InvalidArgumentError(
-            f"another pascaline serve is using {folder}; stop it, or give this one another --out."
+            f"another pascaline {command} is using {folder}; stop it, or give this one another --out."
         ) from None
     return handle
