@@ -82,6 +82,7 @@ ROW_ERRORS = [
     ),
     ('{"prompt": "a", "init_image": "nowhere.png", "denoise": 0.5}', "init image nowhere.png is not a file"),
     ('{"prompt": "a", "init_image": 3}', "init_image must be the path of an image file, not a number."),
+    ('{"prompt": "a", "loras": ["gone.safetensors:0.5"]}', "LoRA gone.safetensors is not a file; give a path"),
 ]
 
 
@@ -191,3 +192,12 @@ def test_a_row_is_done_when_its_entry_made_the_same_request_and_the_file_is_ther
     assert not is_done({**entry, "file": "gone.png"}, record, tmp_path)
     assert not is_done({**entry, "file": None, "error": "bad."}, record, tmp_path)
     assert not is_done(None, record, tmp_path)
+
+
+def test_a_rows_lora_is_found_next_to_the_jobs_file_and_recorded_as_written(tmp_path):
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "style.safetensors").write_bytes(b"any file")  # the worker reads it
+    (row,) = rows_of(tmp_path, '{"prompt": "a", "loras": ["loras/style.safetensors:0.75"]}\n')
+    assert row.ok, row.error
+    assert row.options.loras == ((str(tmp_path.resolve() / "loras" / "style.safetensors"), 0.75),)
+    assert row.record["loras"] == ["loras/style.safetensors:0.75"]

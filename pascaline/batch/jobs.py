@@ -245,6 +245,9 @@ def _options(data: dict[str, Any], folder: Path, load: Mapping[str, Any], check:
     """``(options, record)`` of a row's fields, checked by ``parse_request`` (and ``check``)."""
     image = data.pop("init_image", None)
     denoise = data.pop("denoise", None) if image is not None else None
+    loras = data.get("loras")
+    if isinstance(loras, list):  # paths relative to the JOBS file, as init_image's
+        data["loras"] = [_lora_spec(spec, folder) if isinstance(spec, str) else spec for spec in loras]
     job = parse_request(data)
     other = {k: v for k, v in job.load.items() if load.get(k) != v}
     if other:
@@ -255,6 +258,8 @@ def _options(data: dict[str, Any], folder: Path, load: Mapping[str, Any], check:
             f"of another {name} in a batch of their own."
         )
     options, record = job.options, dict(job.record)
+    if isinstance(loras, list):
+        record["loras"] = loras  # as the row wrote them: the manifest compares rows, not folders
     if image is not None:
         options = replace(
             options, init_image=_image_path(image, folder), denoise=1.0 if denoise is None else denoise
@@ -263,6 +268,20 @@ def _options(data: dict[str, Any], folder: Path, load: Mapping[str, Any], check:
     if check is not None:
         check(options)
     return options, json.loads(json.dumps(record))  # lists for tuples: the form the manifest reads back
+
+
+def _lora_spec(spec: str, folder: Path) -> str:
+    """``"name:strength"`` with a relative name resolved in the JOBS file's folder."""
+    from pascaline.lora.files import parse_lora_spec
+
+    path, strength = parse_lora_spec(spec)
+    if path.is_absolute():
+        return spec
+    if not (folder / path).is_file():
+        raise InvalidArgumentError(
+            f"LoRA {path} is not a file; give a path relative to the JOBS file's folder, or an absolute one."
+        )
+    return f"{(folder / path).resolve()}:{strength!r}"
 
 
 def _image_path(value: Any, folder: Path) -> str:
