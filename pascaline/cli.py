@@ -283,14 +283,8 @@ def _optional_roles() -> dict[str, str]:
             if c.optional}  # fmt: skip
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="make images from a prompt",
-        description="Make images from a prompt and write them as PNG files that carry their settings. "
-        "Options left out take the model's defaults (pascaline models DIR shows them).",
-    )
-    p.add_argument("prompt", help="what the image shows")
+def add_model_arguments(p, *, device_help: str = "auto, cpu, cuda or cuda:N (default auto)") -> None:
+    """The options that pick and load the model, shared by generate, serve, batch and sweep."""
     p.add_argument("--models", metavar="DIR", help="a ComfyUI models/ folder or a diffusers snapshot")
     p.add_argument("--model", metavar="NAME", help=f"which model and its defaults: {_variants_help()} "
                    "(default: the one family the folder holds)")
@@ -304,6 +298,30 @@ def _add_generate(sub) -> None:
                        help=text)
     p.set_defaults(without=None)
     p.add_argument("--tokenizer", metavar="DIR", help="a tokenizer folder (default: found offline)")
+    p.add_argument("--quant", default="auto",
+                   help="auto (default), none, int8, w8a8, w8a8-rot, fp8-e4m3, fp8-e5m2")
+    p.add_argument("--vram-budget", default="auto", metavar="SIZE", help="such as 7GiB (default auto)")
+    p.add_argument("--device", default="auto", help=device_help)
+
+
+def model_settings(args: argparse.Namespace) -> dict:
+    """``load_pipeline``'s keywords from the options ``add_model_arguments`` added."""
+    components = {k.removeprefix("component_"): v for k, v in vars(args).items()
+                  if k.startswith("component_") and v is not None}  # fmt: skip
+    return dict(models=args.models, model=args.model, dit=args.dit, components=components,
+                without=tuple(args.without or ()), tokenizer=args.tokenizer, device=args.device,
+                vram_budget=args.vram_budget, quant=args.quant)  # fmt: skip
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="make images from a prompt",
+        description="Make images from a prompt and write them as PNG files that carry their settings. "
+        "Options left out take the model's defaults (pascaline models DIR shows them).",
+    )
+    p.add_argument("prompt", help="what the image shows")
+    add_model_arguments(p)
     p.add_argument("--out", default="out.png", metavar="FILE.png", help="output file (default: out.png)")
     p.add_argument("--count", type=int, default=1, help="images to make, seeds SEED..SEED+N-1 (default 1)")
     p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (default: the model's)")
@@ -335,10 +353,6 @@ def _add_generate(sub) -> None:
     p.add_argument("--init-image", metavar="FILE", help="start from this image (img2img, with --denoise)")
     p.add_argument("--denoise", type=float, default=1.0, help="share of the schedule to run (default 1)")
     p.add_argument("--rounding", default="comfyui", help="8-bit pixels: comfyui (default) or round")
-    p.add_argument("--quant", default="auto",
-                   help="auto (default), none, int8, w8a8, w8a8-rot, fp8-e4m3, fp8-e5m2")
-    p.add_argument("--vram-budget", default="auto", metavar="SIZE", help="such as 7GiB (default auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -436,16 +450,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     paths = output_paths(args.out, args.count)
     options = _options_from_args(args)
     options.with_seed(options.seed + args.count - 1)  # the last seed must be in range too
-    components = {k.removeprefix("component_"): v for k, v in vars(args).items()
-                  if k.startswith("component_") and v is not None}  # fmt: skip
     bars = _ProgressBars()
     memory = HostMemoryPeak(interval=0.02).__enter__()
     try:
-        pipe = load_pipeline(
-            args.models, model=args.model, dit=args.dit, components=components,
-            without=tuple(args.without or ()), tokenizer=args.tokenizer, device=args.device,
-            vram_budget=args.vram_budget, quant=args.quant, progress=bars, loras=args.lora or (),
-        )  # fmt: skip
+        pipe = load_pipeline(**model_settings(args), progress=bars, loras=args.lora or ())
         for note in pipe.notes:
             print(f"pascaline: {note}", file=sys.stderr)
         options = pipe.resolve(options)  # the model's defaults, checked before any image is made

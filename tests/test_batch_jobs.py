@@ -82,7 +82,7 @@ ROW_ERRORS = [
     ),
     ('{"prompt": "a", "init_image": "nowhere.png", "denoise": 0.5}', "init image nowhere.png is not a file"),
     ('{"prompt": "a", "init_image": 3}', "init_image must be the path of an image file, not a number."),
-    ('{"prompt": "a", "loras": ["gone.safetensors:0.5"]}', "LoRA gone.safetensors is not a file; give a path"),
+    ('{"prompt": "a", "loras": ["gone.safetensors:0.5"]}', "LoRA gone.safetensors is not a file; give"),
 ]
 
 

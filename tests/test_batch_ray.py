@@ -203,9 +203,8 @@ def test_twelve_rows_on_two_actors_are_the_images_of_generate_and_each_row_is_li
 
 
 def test_a_worker_killed_mid_batch_loses_no_row_and_doubles_none(models, cluster, tmp_path):
-    from pascaline.batch.command import load_settings
     from pascaline.batch.runner import run_batch
-    from pascaline.cli import build_parser
+    from pascaline.cli import build_parser, model_settings
 
     rows = [{"prompt": PROMPT, **FAST}] + [{"prompt": f"{OTHER} {i}", **SLOW} for i in range(5)]
     jobs, out = write_jobs(tmp_path / "jobs.jsonl", rows), tmp_path / "out"
@@ -221,7 +220,7 @@ def test_a_worker_killed_mid_batch_loses_no_row_and_doubles_none(models, cluster
     summary = run_batch(
         jobs,
         out,
-        load_settings(args),
+        model_settings(args),
         seed=1,
         workers=2,
         address=cluster.address,
@@ -239,9 +238,8 @@ def test_a_worker_killed_mid_batch_loses_no_row_and_doubles_none(models, cluster
 
 
 def test_an_interrupted_driver_is_resumed_by_a_rerun(models, cluster, tmp_path, capsys):
-    from pascaline.batch.command import load_settings
     from pascaline.batch.runner import run_batch
-    from pascaline.cli import build_parser
+    from pascaline.cli import build_parser, model_settings
 
     rows = [{"prompt": PROMPT, **FAST} for _ in range(2)] + [
         {"prompt": f"{OTHER} {i}", **SLOW} for i in range(6)
@@ -253,7 +251,7 @@ def test_an_interrupted_driver_is_resumed_by_a_rerun(models, cluster, tmp_path, 
         if done == 2:  # a real SIGINT to this process, the driver: KeyboardInterrupt, as on a terminal
             os.kill(os.getpid(), signal.SIGINT)
 
-    settings = load_settings(build_parser().parse_args(args))
+    settings = model_settings(build_parser().parse_args(args))
     with pytest.raises(KeyboardInterrupt):
         run_batch(
             jobs,

@@ -14,7 +14,7 @@ DEFAULT_OUT = "pascaline-batch"
 
 def add_parser(sub) -> None:
     """The ``batch`` subcommand (``cli.build_parser`` calls this)."""
-    from pascaline.cli import _component_flags, _optional_roles, _variants_help
+    from pascaline.cli import add_model_arguments
 
     p = sub.add_parser(
         "batch",
@@ -27,24 +27,7 @@ def add_parser(sub) -> None:
         "the rows run here.",
     )
     p.add_argument("jobs", metavar="JOBS", help="a JSONL or CSV file, one image per row")
-    p.add_argument("--models", metavar="DIR", help="a ComfyUI models/ folder or a diffusers snapshot")
-    p.add_argument("--model", metavar="NAME", help=f"which model and its defaults: {_variants_help()}")
-    p.add_argument(
-        "--dit", metavar="PATH", help="the diffusion model file or folder, instead of the one in DIR"
-    )
-    for role, label in _component_flags().items():
-        p.add_argument(
-            f"--{role.replace('_', '-')}",
-            metavar="PATH",
-            dest=f"component_{role}",
-            help=f"the {label} file or folder, instead of the one in DIR",
-        )
-    for role, text in _optional_roles().items():
-        p.add_argument(
-            f"--no-{role.replace('_', '-')}", action="append_const", const=role, dest="without", help=text
-        )
-    p.set_defaults(without=None)
-    p.add_argument("--tokenizer", metavar="DIR", help="a tokenizer folder (default: found offline)")
+    add_model_arguments(p, device_help="auto (default), cpu or cuda (one card per worker)")
     p.add_argument(
         "--out",
         default=DEFAULT_OUT,
@@ -69,34 +52,7 @@ def add_parser(sub) -> None:
         help="join the Ray cluster at ADDR (HOST:PORT, or auto for the "
         "one started on this machine by 'ray start --head')",
     )
-    p.add_argument(
-        "--quant", default="auto", help="auto (default), none, int8, w8a8, w8a8-rot, fp8-e4m3, fp8-e5m2"
-    )
-    p.add_argument(
-        "--vram-budget", default="auto", metavar="SIZE", help="such as 7GiB (default auto: each card's own)"
-    )
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda (one card per worker)")
     p.set_defaults(func=run_command)
-
-
-def load_settings(args: argparse.Namespace) -> dict:
-    """``load_pipeline``'s keywords from the command line."""
-    components = {
-        k.removeprefix("component_"): v
-        for k, v in vars(args).items()
-        if k.startswith("component_") and v is not None
-    }
-    return dict(
-        models=args.models,
-        model=args.model,
-        dit=args.dit,
-        components=components,
-        without=tuple(args.without or ()),
-        tokenizer=args.tokenizer,
-        device=args.device,
-        vram_budget=args.vram_budget,
-        quant=args.quant,
-    )
 
 
 class BatchProgress:
@@ -138,13 +94,14 @@ class BatchProgress:
 
 def run_command(args: argparse.Namespace) -> int:
     from pascaline.batch.runner import run_batch
+    from pascaline.cli import model_settings
 
     progress = BatchProgress()
     try:
         summary = run_batch(
             args.jobs,
             args.out,
-            load_settings(args),
+            model_settings(args),
             seed=args.seed,
             workers=args.workers,
             address=args.address,

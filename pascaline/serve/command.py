@@ -22,6 +22,8 @@ DEFAULT_OUT = "pascaline-serve"
 
 def add_parser(sub) -> None:
     """The ``serve`` subcommand (``cli.build_parser`` calls this)."""
+    from pascaline.cli import add_model_arguments
+
     p = sub.add_parser(
         "serve",
         help="keep the models loaded behind an HTTP API (OpenAI images API, job queue)",
@@ -30,14 +32,7 @@ def add_parser(sub) -> None:
         "progress as server-sent events, cancel). Jobs run one at a time, in order, and survive a "
         "restart: they are kept in a SQLite table in the output folder with their images.",
     )
-    p.add_argument("--models", metavar="DIR", help="a ComfyUI models/ folder or a diffusers snapshot")
-    p.add_argument("--dit", metavar="PATH", help="the Z-Image DiT file or folder (instead of the one in DIR)")
-    p.add_argument("--text-encoder", metavar="PATH", help="the Qwen3-4B text encoder file or folder")
-    p.add_argument("--vae", metavar="PATH", help="the FLUX.1 VAE file or folder")
-    p.add_argument("--tokenizer", metavar="DIR", help="a Qwen tokenizer folder (default: found offline)")
-    p.add_argument("--quant", default="auto", help="auto (default), none, int8, w8a8, fp8-e4m3, fp8-e5m2")
-    p.add_argument("--vram-budget", default="auto", metavar="SIZE", help="such as 7GiB (default auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)")
     p.add_argument(
@@ -114,7 +109,7 @@ def out_folder(out: str) -> Path:
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from pascaline.cli import _ProgressBars
+    from pascaline.cli import _ProgressBars, model_settings
     from pascaline.runtime.pipeline import load_pipeline
     from pascaline.serve.store import lock_folder
 
@@ -124,8 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
     with lock_folder(folder), closing(bind(args.host, args.port)) as sock:
         logging.basicConfig(level=logging.INFO, format="pascaline serve: %(message)s", stream=sys.stderr)
         load = partial(
-            load_pipeline, args.models, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae,
-            tokenizer=args.tokenizer, device=args.device, vram_budget=args.vram_budget, quant=args.quant,
+            load_pipeline, **model_settings(args),
             keep_loaded=False,  # the worker loads it and keeps it (JobService._load_kept)
         )  # fmt: skip
         first = load()  # finds and checks the files now: a mistake ends here with one sentence
