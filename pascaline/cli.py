@@ -192,6 +192,21 @@ def _dit_placement(dtype, quant: str | None, budget: int, model: str) -> str:
     return _placement_line(head, plan_of, variant.defaults.cfg != 1.0 and family.cfg_batching)
 
 
+def _host_ram_line(family, needs: dict[str, int]) -> str:
+    """Host RAM the models take: one at a time (reloaded per image) and all kept loaded, and
+    without each optional component (SD3's T5)."""
+    from pascaline.runtime.device import format_bytes
+
+    line = (f"host RAM  {format_bytes(max(needs.values()))} with one model loaded at a time, "
+            f"{format_bytes(sum(needs.values()))} with all kept loaded")  # fmt: skip
+    for c in family.components:
+        if c.optional and c.role in needs:
+            rest = {r: n for r, n in needs.items() if r != c.role}
+            line += (f"; without the {c.role}: {format_bytes(max(rest.values()))} and "
+                     f"{format_bytes(sum(rest.values()))}")  # fmt: skip
+    return line
+
+
 def _placement_line(head: str, plan_of, guided: bool) -> str:
     """``head: N of M blocks resident...`` from ``plan_of(batch)``; ``guided``: whether the two
     guidance branches may run as one batch of 2 (then the plan the pipeline would pick)."""
@@ -243,6 +258,13 @@ def _folder_lines(caps, folder: str, name: str | None) -> list[str]:
     for role, row in used_rows(files).items():
         size, ram = format_bytes(row.nbytes), format_bytes(needs[role])
         lines.append(f"          {role:<13} {row.path.name}: {row.storage}, {size} on disk, {ram} in RAM")
+    lines.append(_host_ram_line(files.family, needs))
+    encoders = {r: needs[r] for r in files.family.encoder_roles if r in needs}
+    if caps.is_cuda and encoders and pipe.budget_bytes is not None:
+        largest = max(encoders, key=encoders.get)
+        how = "whole" if encoders[largest] < pipe.budget_bytes else "with its layers streamed"
+        lines.append(f"          encoders run one at a time; the largest, {largest} "
+                     f"({format_bytes(encoders[largest])}), on the card {how}")  # fmt: skip
     if caps.is_cuda:
         tokens = files.family.typical_cond_tokens(cfg)
         head = (f"{variant.name}: DiT at {INFO_SIZE}x{INFO_SIZE} ({pipe.quant_label}) under "

@@ -191,6 +191,25 @@ def test_info_plans_every_variant_or_the_one_asked_for(capsys):
     assert main(["info", "--model", "sdxl"]) == 2
 
 
+def test_info_on_a_real_size_sd35_large_folder_gives_ram_with_and_without_t5(tmp_path, capsys):
+    from tests.factories.sparse import sd35_large_folder
+
+    root = sd35_large_folder(tmp_path / "models")  # real headers and sizes, no data on disk
+    assert main(["models", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "SD3: runs as --model sd3.5-large" in out and "not recognised" not in out
+    assert main(["info", "--card", "gtx1070", "--models", str(root)]) == 0
+    out = capsys.readouterr().out
+    ram = {role: float(m) for role, m in re.findall(r"^ {10}(\w+) +\S+: float16, [\d.]+ \wiB on disk, "
+                                                   r"([\d.]+) GiB in RAM", out, re.M)}  # fmt: skip
+    assert set(ram) == {"dit", "t5"}  # the CLIPs and the VAE are MiB (CLIP-G int8: 664 MiB)
+    host = next(line for line in out.splitlines() if line.startswith("host RAM"))
+    one, kept, one_no_t5, kept_no_t5 = map(float, re.findall(r"([\d.]+) GiB", host))
+    assert one == ram["dit"] == one_no_t5 and kept - kept_no_t5 == pytest.approx(ram["t5"], abs=0.02)
+    assert "the largest, t5 (4.56 GiB), on the card whole" in out  # int8 T5-XXL under 7 GiB
+    assert re.search(r"sd3.5-large: DiT at 1024x1024 \(w8a8\) under 7.00 GiB: \d+ of 38 blocks resident", out)
+
+
 def test_info_for_an_rtx2060_computes_the_dit_in_fp16(capsys):
     assert main(["info", "--card", "rtx2060"]) == 0
     out = capsys.readouterr().out
