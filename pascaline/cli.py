@@ -1,4 +1,4 @@
-"""The `pascaline` command: generate | models | bench | quantize | info.
+"""The `pascaline` command: generate | models | bench | quantize | info (serve and sweep: their packages).
 
 This is the only module that reads argv or environment variables. A user mistake
 (any ``PascalineError``) prints one sentence and exits with code 2; a bug keeps its
@@ -291,11 +291,28 @@ def _add_generate(sub) -> None:
         "Options left out take the model's defaults (pascaline models DIR shows them).",
     )
     p.add_argument("prompt", help="what the image shows")
+    add_model_options(p, dit=True)
+    p.add_argument("--out", default="out.png", metavar="FILE.png", help="output file (default: out.png)")
+    p.add_argument("--count", type=int, default=1, help="images to make, seeds SEED..SEED+N-1 (default 1)")
+    add_image_options(p)
+    p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="apply a LoRA (repeatable; "
+                   "strength default 1), merged into the weights as they load")
+    p.add_argument("--enhance", action="store_true", help="expand the prompt first with the text "
+                   "encoder's own language model (Z-Image's Qwen3-4B); printed, and kept in the PNG")
+    p.add_argument("--enhance-seed", type=int, metavar="N", help="sample the expansion with this seed "
+                   "(default: greedy, the same words every time)")
+    add_device_options(p)
+    p.set_defaults(func=_cmd_generate)
+
+
+def add_model_options(p, *, dit: bool) -> None:
+    """The options that say which model files run (generate's and sweep's)."""
     p.add_argument("--models", metavar="DIR", help="a ComfyUI models/ folder or a diffusers snapshot")
     p.add_argument("--model", metavar="NAME", help=f"which model and its defaults: {_variants_help()} "
                    "(default: the one family the folder holds)")
-    p.add_argument("--dit", metavar="PATH", help="the diffusion model file or folder (a fine-tune, say), "
-                   "instead of the one in DIR")
+    if dit:
+        p.add_argument("--dit", metavar="PATH", help="the diffusion model file or folder (a fine-tune, say), "
+                       "instead of the one in DIR")
     for role, label in _component_flags().items():
         p.add_argument(f"--{role.replace('_', '-')}", metavar="PATH", dest=f"component_{role}",
                        help=f"the {label} file or folder, instead of the one in DIR")
@@ -304,14 +321,16 @@ def _add_generate(sub) -> None:
                        help=text)
     p.set_defaults(without=None)
     p.add_argument("--tokenizer", metavar="DIR", help="a tokenizer folder (default: found offline)")
-    p.add_argument("--out", default="out.png", metavar="FILE.png", help="output file (default: out.png)")
-    p.add_argument("--count", type=int, default=1, help="images to make, seeds SEED..SEED+N-1 (default 1)")
+
+
+def add_image_options(p, *, seed_default: str = "random, printed") -> None:
+    """The settings of an image (generate's and sweep's): size, sampling, guidance, img2img."""
     p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (default: the model's)")
     p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (default: the model's)")
     p.add_argument("--aspect", metavar="W:H", help="aspect ratio such as 3:2, instead of --width/--height")
     p.add_argument("--megapixels", type=float, metavar="MP", help="image area with --aspect (default 1.0)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's, e.g. 8 for Z-Image Turbo)")
-    p.add_argument("--seed", type=int, help="seed of the starting noise (default: random, printed)")
+    p.add_argument("--seed", type=int, help=f"seed of the starting noise (default: {seed_default})")
     p.add_argument("--sampler", help="res_multistep, euler or dpmpp_2m (default: the model's)")
     p.add_argument("--scheduler", help="linear (diffusers' sigmas), simple, or for SD3 also normal and "
                    "sgm_uniform (ComfyUI's) (default: the model's)")
@@ -325,21 +344,18 @@ def _add_generate(sub) -> None:
     p.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (0 = off)")
     p.add_argument("--slg-start", type=float, help="skip-layer guidance starts at this share of the schedule")
     p.add_argument("--slg-end", type=float, help="skip-layer guidance ends at this share of the schedule")
-    p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="apply a LoRA (repeatable; "
-                   "strength default 1), merged into the weights as they load")
-    p.add_argument("--enhance", action="store_true", help="expand the prompt first with the text "
-                   "encoder's own language model (Z-Image's Qwen3-4B); printed, and kept in the PNG")
-    p.add_argument("--enhance-seed", type=int, metavar="N", help="sample the expansion with this seed "
-                   "(default: greedy, the same words every time)")
     p.add_argument("--blind-start", type=int, default=0, metavar="K", help="first K steps unconditioned")
     p.add_argument("--init-image", metavar="FILE", help="start from this image (img2img, with --denoise)")
     p.add_argument("--denoise", type=float, default=1.0, help="share of the schedule to run (default 1)")
     p.add_argument("--rounding", default="comfyui", help="8-bit pixels: comfyui (default) or round")
+
+
+def add_device_options(p) -> None:
+    """Quantization, VRAM budget and device (generate's and sweep's)."""
     p.add_argument("--quant", default="auto",
                    help="auto (default), none, int8, w8a8, w8a8-rot, fp8-e4m3, fp8-e5m2")
     p.add_argument("--vram-budget", default="auto", metavar="SIZE", help="such as 7GiB (default auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.set_defaults(func=_cmd_generate)
 
 
 class _ProgressBars:
@@ -420,6 +436,12 @@ def _options_from_args(args: argparse.Namespace):
     ).with_seed()  # fmt: skip
 
 
+def component_paths(args: argparse.Namespace) -> dict[str, str]:
+    """``{role: path}`` of the component files given one by one (``--text-encoder``, ``--vae``...)."""
+    return {k.removeprefix("component_"): v for k, v in vars(args).items()
+            if k.startswith("component_") and v is not None}  # fmt: skip
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -432,8 +454,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     paths = output_paths(args.out, args.count)
     options = _options_from_args(args)
     options.with_seed(options.seed + args.count - 1)  # the last seed must be in range too
-    components = {k.removeprefix("component_"): v for k, v in vars(args).items()
-                  if k.startswith("component_") and v is not None}  # fmt: skip
+    components = component_paths(args)
     bars = _ProgressBars()
     memory = HostMemoryPeak(interval=0.02).__enter__()
     try:
@@ -692,8 +713,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_quantize(sub)
     from pascaline.serve.command import add_parser as add_serve
+    from pascaline.sweep.command import add_parser as add_sweep
 
     add_serve(sub)
+    add_sweep(sub)
     return parser
 
 
