@@ -1,4 +1,4 @@
-"""The `pascaline` command: generate | models | bench | quantize | info | serve | batch.
+"""The `pascaline` command: generate | models | bench | quantize | info | serve | batch | sweep.
 
 This is the only module that reads argv or environment variables. A user mistake
 (any ``PascalineError``) prints one sentence and exits with code 2; a bug keeps its
@@ -305,13 +305,16 @@ def _optional_roles() -> dict[str, str]:
             if c.optional}  # fmt: skip
 
 
-def add_model_arguments(p, *, device_help: str = "auto, cpu, cuda or cuda:N (default auto)") -> None:
-    """The options that pick and load the model, shared by generate, serve, batch and sweep."""
+def add_model_arguments(p, *, dit: bool = True,
+                        device_help: str = "auto, cpu, cuda or cuda:N (default auto)") -> None:
+    """The options that pick and load the model, shared by generate, serve, batch and sweep
+    (``dit=False``: the command brings its own diffusion models, as sweep does)."""
     p.add_argument("--models", metavar="DIR", help="a ComfyUI models/ folder or a diffusers snapshot")
     p.add_argument("--model", metavar="NAME", help=f"which model and its defaults: {_variants_help()} "
                    "(default: the one family the folder holds)")
-    p.add_argument("--dit", metavar="PATH", help="the diffusion model file or folder (a fine-tune, say), "
-                   "instead of the one in DIR")
+    if dit:
+        p.add_argument("--dit", metavar="PATH", help="the diffusion model file or folder (a fine-tune, say), "
+                       "instead of the one in DIR")
     for role, label in _component_flags().items():
         p.add_argument(f"--{role.replace('_', '-')}", metavar="PATH", dest=f"component_{role}",
                        help=f"the {label} file or folder, instead of the one in DIR")
@@ -326,13 +329,18 @@ def add_model_arguments(p, *, device_help: str = "auto, cpu, cuda or cuda:N (def
     p.add_argument("--device", default="auto", help=device_help)
 
 
+def component_paths(args: argparse.Namespace) -> dict[str, str]:
+    """``{role: path}`` of the component files given one by one (``--text-encoder``, ``--vae``...)."""
+    return {k.removeprefix("component_"): v for k, v in vars(args).items()
+            if k.startswith("component_") and v is not None}  # fmt: skip
+
+
 def model_settings(args: argparse.Namespace) -> dict:
     """``load_pipeline``'s keywords from the options ``add_model_arguments`` added."""
-    components = {k.removeprefix("component_"): v for k, v in vars(args).items()
-                  if k.startswith("component_") and v is not None}  # fmt: skip
-    return dict(models=args.models, model=args.model, dit=args.dit, components=components,
-                without=tuple(args.without or ()), tokenizer=args.tokenizer, device=args.device,
-                vram_budget=args.vram_budget, quant=args.quant)  # fmt: skip
+    return dict(models=args.models, model=args.model, dit=getattr(args, "dit", None),
+                components=component_paths(args), without=tuple(args.without or ()),
+                tokenizer=args.tokenizer, device=args.device, vram_budget=args.vram_budget,
+                quant=args.quant)  # fmt: skip
 
 
 def _add_generate(sub) -> None:
@@ -346,12 +354,24 @@ def _add_generate(sub) -> None:
     add_model_arguments(p)
     p.add_argument("--out", default="out.png", metavar="FILE.png", help="output file (default: out.png)")
     p.add_argument("--count", type=int, default=1, help="images to make, seeds SEED..SEED+N-1 (default 1)")
+    add_image_options(p)
+    p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="apply a LoRA (repeatable; "
+                   "strength default 1), merged into the weights as they load")
+    p.add_argument("--enhance", action="store_true", help="expand the prompt first with the text "
+                   "encoder's own language model (Z-Image's Qwen3-4B); printed, and kept in the PNG")
+    p.add_argument("--enhance-seed", type=int, metavar="N", help="sample the expansion with this seed "
+                   "(default: greedy, the same words every time)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def add_image_options(p, *, seed_default: str = "random, printed") -> None:
+    """The settings of an image (generate's and sweep's): size, sampling, guidance, img2img."""
     p.add_argument("--width", type=int, help="width in pixels, a multiple of 16 (default: the model's)")
     p.add_argument("--height", type=int, help="height in pixels, a multiple of 16 (default: the model's)")
     p.add_argument("--aspect", metavar="W:H", help="aspect ratio such as 3:2, instead of --width/--height")
     p.add_argument("--megapixels", type=float, metavar="MP", help="image area with --aspect (default 1.0)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's, e.g. 8 for Z-Image Turbo)")
-    p.add_argument("--seed", type=int, help="seed of the starting noise (default: random, printed)")
+    p.add_argument("--seed", type=int, help=f"seed of the starting noise (default: {seed_default})")
     p.add_argument("--sampler", help="res_multistep, euler or dpmpp_2m (default: the model's)")
     p.add_argument("--scheduler", help="linear (diffusers' sigmas), simple, or for SD3 also normal and "
                    "sgm_uniform (ComfyUI's) (default: the model's)")
@@ -365,17 +385,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (0 = off)")
     p.add_argument("--slg-start", type=float, help="skip-layer guidance starts at this share of the schedule")
     p.add_argument("--slg-end", type=float, help="skip-layer guidance ends at this share of the schedule")
-    p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="apply a LoRA (repeatable; "
-                   "strength default 1), merged into the weights as they load")
-    p.add_argument("--enhance", action="store_true", help="expand the prompt first with the text "
-                   "encoder's own language model (Z-Image's Qwen3-4B); printed, and kept in the PNG")
-    p.add_argument("--enhance-seed", type=int, metavar="N", help="sample the expansion with this seed "
-                   "(default: greedy, the same words every time)")
     p.add_argument("--blind-start", type=int, default=0, metavar="K", help="first K steps unconditioned")
     p.add_argument("--init-image", metavar="FILE", help="start from this image (img2img, with --denoise)")
     p.add_argument("--denoise", type=float, default=1.0, help="share of the schedule to run (default 1)")
     p.add_argument("--rounding", default="comfyui", help="8-bit pixels: comfyui (default) or round")
-    p.set_defaults(func=_cmd_generate)
 
 
 class _ProgressBars:
@@ -729,9 +742,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     from pascaline.batch.command import add_parser as add_batch
     from pascaline.serve.command import add_parser as add_serve
+    from pascaline.sweep.command import add_parser as add_sweep
 
     add_serve(sub)
     add_batch(sub)
+    add_sweep(sub)
     return parser
 
 

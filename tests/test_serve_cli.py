@@ -53,11 +53,12 @@ def test_a_taken_port_and_a_file_as_out_are_one_sentence(capsys, tmp_path):
     assert_one_sentence(capsys, "is a file; give a folder")
 
 
-@pytest.mark.parametrize("command", ["generate", "serve", "batch"])
+@pytest.mark.parametrize("command", ["generate", "serve", "batch", "sweep"])
 def test_every_command_that_loads_a_model_takes_the_same_model_options(command):
     from pascaline.cli import build_parser, model_settings
 
-    first = {"generate": ["a fox"], "serve": [], "batch": ["jobs.jsonl"]}[command]
+    first = {"generate": ["a fox"], "serve": [], "batch": ["jobs.jsonl"],
+             "sweep": ["a fox", "--loras", "l", "--out", "o"]}[command]  # fmt: skip
     args = build_parser().parse_args([command, *first, "--models", "m", "--model", "sd3.5-large",
                                       "--clip-g", "g.safetensors", "--no-t5", "--quant", "w8a8",
                                       "--vram-budget", "7GiB", "--device", "cpu"])  # fmt: skip

@@ -130,6 +130,19 @@ def read_lora(path: str | Path) -> LoraFile:
     return LoraFile(source.path, modules, text, dict(source.metadata))
 
 
+def holds_lora(path: str | Path) -> bool:
+    """Whether the safetensors file at ``path`` holds LoRA tensors, from its header alone (a malformed
+    LoRA counts: ``read_lora`` says what is wrong with it). A file that is no safetensors file, or a
+    truncated one, raises the reader's ``WeightsError``."""
+    with WeightSource(path) as source:
+        keys = source.keys()
+    try:
+        parts, _, _ = _split_roles(keys)
+    except LoraError:
+        return True
+    return bool(parts)
+
+
 def _refuse_other_kinds(path: Path, keys: list[str]) -> None:
     for pattern, kind in _OTHER_KINDS:
         hit = next((k for k in keys if pattern.search(k)), None)

@@ -196,6 +196,13 @@ def _explicit(path: Path, component: Component) -> Located:
     return Located(path, cand.holds[kind])
 
 
+def locate(path: str | Path, component: Component) -> Located:
+    """Where ``component`` is in the file or folder ``path`` the user named (a diffusers folder's
+    sub-folder for it, a bundled file's key prefix), checked by content: another model there is
+    one sentence (``WrongModelError``)."""
+    return _explicit(Path(path), component)
+
+
 def _find_tokenizer(root: Path) -> Path | None:
     tok = root / "tokenizer"
     if (tok / "tokenizer.json").is_file() or (tok / "vocab.json").is_file():
@@ -221,7 +228,10 @@ def families_in(root: Path) -> list[Family]:
 def choose_family(models, dit) -> Family:
     """The family to run when no ``--model`` was given: that of the DiT, else the folder's only one."""
     if dit is not None:
-        kind = inspect_weights(Path(dit).expanduser()).kind
+        path = Path(dit).expanduser()
+        # a diffusers pipeline folder (a trainer's checkpoint-N/): its diffusion model's sub-folder
+        inner = [path / f.dit.diffusers for f in all_families() if f.dit.diffusers and path.is_dir()]
+        kind = inspect_weights(next((p for p in inner if p.is_dir()), path)).kind
         family = family_of_kind(kind)
         if family is None:
             names = " or ".join(f.dit.label for f in all_families())

@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -220,6 +220,8 @@ class Pipeline:
         self._models: dict[str, Any] = {}
         self._streamers: dict[str, Any] = {}  # kept models' BlockStreamers, packed between calls
         self._captions: tuple[tuple, list] | None = None
+        self._held: dict[tuple, list] = {}  # conditionings of encode_prompts_, by prompt texts
+        self.encoder_stages = 0  # how often the encoder stage ran (each runs every text encoder once)
         self._enhanced: dict[tuple[str, int | None], str] = {}  # (prompt, enhance seed) -> expanded
         if lora_mode not in ("merge", "branch"):
             raise InvalidArgumentError(f"LoRA mode {lora_mode!r} is unknown; use merge or branch.")
@@ -279,7 +281,7 @@ class Pipeline:
         self.last_report = report
         start = time.perf_counter()
         try:
-            self._check_host_ram()
+            self._check_host_ram(skip_encoders=self._cached_conds(options) is not None)
             self._check_dit_fits(options)
             self._check_loras(self._read_loras(options.loras))
             if options.enhance:
@@ -396,6 +398,64 @@ class Pipeline:
             self._model(role)
         self._report("load", len(roles), len(roles))
         return self
+
+    def encode_prompts_(self, options: Sequence[GenerateOptions]) -> int:
+        """Encode the prompts of every ``options`` (the positive and, where guidance needs it, the
+        negative text) in ONE encoder stage and hold the conditionings, so that runs of those
+        options encode nothing: a sweep over checkpoints or LoRAs encodes once (``encoder_stages``
+        counts the stages). They stay valid across ``set_dit_`` and are dropped by
+        ``release_prompts_``. Returns how many prompt lists were encoded (0: all held already)."""
+        from pascaline.offload.ledger import LIBRARY_WORKSPACE_BYTES, MemoryLedger
+
+        ledger = MemoryLedger(self.device, cuda_slack_bytes=LIBRARY_WORKSPACE_BYTES)
+        keys = []
+        for o in options:
+            o = self.resolve(o)
+            if o.enhance:
+                o = replace(o, prompt=self._enhance(o.prompt, o.enhance_seed, ledger))
+            key = tuple(self._prompts(o))
+            if key not in self._held and key not in keys:
+                keys.append(key)
+        if keys:
+            self._check_host_ram()
+            self._held.update(self._run_encoders(keys, ledger, None))
+        return len(keys)
+
+    def release_prompts_(self) -> None:
+        """Drop the conditionings ``encode_prompts_`` holds."""
+        self._held.clear()
+
+    def set_dit_(self, dit: str | Path) -> None:
+        """Run another diffusion model of the same family and shape (a fine-tune's checkpoint: a file
+        or a diffusers ``transformer/`` folder) from the next image on. The one loaded now is freed
+        first, so two never share the RAM; the encoders, the VAE, held conditionings and the
+        pipeline's LoRAs stay. Another family's model, or one of another size, is one sentence."""
+        from pascaline.errors import WrongModelError
+        from pascaline.runtime.discovery import ModelFiles, locate
+
+        role = self.family.dit.role
+        located = locate(dit, self.family.dit)
+        if located == self.files.where(role):
+            return
+        config, current = self.family.dit_config(located), self.dit_config()
+        if config != current:
+            difference = _config_difference(current, config)
+            raise WrongModelError(f"{located.path} is a {self.family.dit.label} of another shape than "
+                                  f"{self.files.where(role).path.name} ({difference}); give diffusion models "
+                                  "of one model.")  # fmt: skip
+        if role in self._models or "dit" in self._streamers:
+            self._drop_dit()
+        self._merged_at_load = False
+        self.files = ModelFiles(self.family, {**self.files.located, role: located}, self.files.tokenizer,
+                                self.files.root)  # fmt: skip
+        self._gguf = gguf_types(self.files)
+        self._schemes[role] = component_quant(located.path, self.quant, self.quant_is_auto)
+        self._fits.clear()  # the plan depends on the new file's storage
+
+    def check_loras(self, loras) -> None:
+        """Refuse LoRAs (``[(path, strength)]`` or ``["path:strength"]``) that do not fit this pipeline's
+        diffusion model, before any weight is read (one sentence, ``LoraError``)."""
+        self._check_loras(self._read_loras(loras))
 
     def unload_(self) -> None:
         """Drop the host copies (the next call reads the files again)."""
@@ -543,15 +603,18 @@ class Pipeline:
         where = self.files.where(role)
         return self.family.gguf_skeleton(role, where, self._stage_dtype(role), self._schemes[role])
 
-    def _check_host_ram(self) -> None:
+    def _check_host_ram(self, skip_encoders: bool = False) -> None:
         """Refuse a run that would exhaust the RAM available now, before any weight is read.
 
-        Models not loaded yet are needed one at a time, or all together when they are kept.
+        Models not loaded yet are needed one at a time, or all together when they are kept;
+        ``skip_encoders``: the run's conditionings are at hand, so no encoder loads.
         """
         available = _available_ram()
         if available is None:
             return
         needs = self.host_needs()
+        if skip_encoders:
+            needs = {role: n for role, n in needs.items() if role not in self.family.encoder_roles}
         need = sum(needs.values()) if self.keep_loaded else max(needs.values(), default=0)
         if need <= available:
             return
@@ -658,26 +721,42 @@ class Pipeline:
         # without a negative prompt: the empty prompt encoded, or nothing (the sampler zeroes the positive)
         return [options.prompt, ""] if options.negative_mode == "empty" else [options.prompt]
 
-    def _encode_stage(self, options: GenerateOptions, ledger, report) -> list:
-        prompts = self._prompts(options)
-        key = tuple(prompts)
+    def _cached_conds(self, options: GenerateOptions) -> list | None:
+        """The conditionings of ``options``' prompts when no encoder needs to run for them."""
+        key = tuple(self._prompts(options))
+        if key in self._held:
+            return self._held[key]
         if self._captions is not None and self._captions[0] == key:
-            return self._captions[1]  # same prompts as the last call: no encoder stage at all
+            return self._captions[1]  # same prompts as the last call
+        return None
+
+    def _encode_stage(self, options: GenerateOptions, ledger, report) -> list:
+        conds = self._cached_conds(options)
+        if conds is not None:
+            return conds  # no encoder stage at all
+        key = tuple(self._prompts(options))
+        conds = self._run_encoders([key], ledger, report)[key]
+        self._captions = (key, conds)
+        return conds
+
+    def _run_encoders(self, keys: Sequence[tuple], ledger, report) -> dict[tuple, list]:
+        """One encoder stage: each text encoder loaded and placed once, run on every prompt list of
+        ``keys`` in turn (each list as ``generate`` runs it), then freed."""
         roles = [r for r in self.family.encoder_roles if r in self.files.located]
-        outputs: dict[str, list] = {}
+        outputs: dict[tuple, dict[str, list]] = {key: {} for key in keys}
+        self.encoder_stages += 1
         with ledger.stage("encoder"):
             self._report("encode", 0, len(roles))
             for i, role in enumerate(roles):
                 with self._loaded(role) as encoder:
-                    act = self.family.encoder_activation_bytes(role, encoder, prompts, self.dtypes["encoder"],
-                                                               self._schemes[role])  # fmt: skip
+                    act = max(self.family.encoder_activation_bytes(role, encoder, key, self.dtypes["encoder"],
+                                                                   self._schemes[role]) for key in keys)
                     act += dequant_workspace_bytes(encoder.model, self.dtypes["encoder"])
                     with self._placed(encoder.model, role, act, ledger, report):
-                        outputs[role] = self.family.encode(role, encoder, prompts)
+                        for key in keys:
+                            outputs[key][role] = self.family.encode(role, encoder, key)
                 self._report("encode", i + 1, len(roles))
-        conds = self.family.assemble(outputs, len(prompts), self.dit_config())
-        self._captions = (key, conds)
-        return conds
+        return {key: self.family.assemble(outputs[key], len(key), self.dit_config()) for key in keys}
 
     def _vae_encode_stage(self, options: GenerateOptions, ledger) -> torch.Tensor:
         from pascaline.runtime.images import load_init_image
@@ -795,6 +874,14 @@ class Pipeline:
         finally:
             module.to("cpu")
             ledger.release("vae")
+
+
+def _config_difference(a, b) -> str:
+    """``"dim 3840 vs 2560"``: the first field two model configs (dataclasses) differ in."""
+    from dataclasses import fields
+
+    name = next((f.name for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)), None)
+    return "another config" if name is None else f"{name} {getattr(a, name)} vs {getattr(b, name)}"
 
 
 # ---------------------------------------------------------------------------- loading
