@@ -792,8 +792,10 @@ def _interrupt_deferred():
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (2 for a user mistake, 130 for Ctrl-C)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)  # --help and usage errors stay fast: no torch import before here
+    with _interrupt_deferred():
+        # the families' variant names (the --model choices) come with torch: Ctrl-C waits for it
+        parser = build_parser()
+    args = parser.parse_args(argv)
     with warnings.catch_warnings():  # restores the warnings machinery on the way out
         warnings.showwarning = _show_warning
         try:
