@@ -305,16 +305,13 @@ def _optional_roles() -> dict[str, str]:
             if c.optional}  # fmt: skip
 
 
-def add_model_arguments(p, *, dit: bool = True,
-                        device_help: str = "auto, cpu, cuda or cuda:N (default auto)") -> None:
-    """The options that pick and load the model, shared by generate, serve, batch and sweep
-    (``dit=False``: the command brings its own diffusion models, as sweep does)."""
+def add_model_arguments(p, *, device_help: str = "auto, cpu, cuda or cuda:N (default auto)") -> None:
+    """The options that pick and load the model, shared by generate, serve, batch and sweep."""
     p.add_argument("--models", metavar="DIR", help="a ComfyUI models/ folder or a diffusers snapshot")
     p.add_argument("--model", metavar="NAME", help=f"which model and its defaults: {_variants_help()} "
                    "(default: the one family the folder holds)")
-    if dit:
-        p.add_argument("--dit", metavar="PATH", help="the diffusion model file or folder (a fine-tune, say), "
-                       "instead of the one in DIR")
+    p.add_argument("--dit", metavar="PATH", help="the diffusion model file or folder (a fine-tune, say), "
+                   "instead of the one in DIR")
     for role, label in _component_flags().items():
         p.add_argument(f"--{role.replace('_', '-')}", metavar="PATH", dest=f"component_{role}",
                        help=f"the {label} file or folder, instead of the one in DIR")
@@ -337,7 +334,7 @@ def component_paths(args: argparse.Namespace) -> dict[str, str]:
 
 def model_settings(args: argparse.Namespace) -> dict:
     """``load_pipeline``'s keywords from the options ``add_model_arguments`` added."""
-    return dict(models=args.models, model=args.model, dit=getattr(args, "dit", None),
+    return dict(models=args.models, model=args.model, dit=args.dit,
                 components=component_paths(args), without=tuple(args.without or ()),
                 tokenizer=args.tokenizer, device=args.device, vram_budget=args.vram_budget,
                 quant=args.quant)  # fmt: skip
@@ -355,13 +352,18 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", default="out.png", metavar="FILE.png", help="output file (default: out.png)")
     p.add_argument("--count", type=int, default=1, help="images to make, seeds SEED..SEED+N-1 (default 1)")
     add_image_options(p)
-    p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="apply a LoRA (repeatable; "
-                   "strength default 1), merged into the weights as they load")
+    add_lora_option(p)
     p.add_argument("--enhance", action="store_true", help="expand the prompt first with the text "
                    "encoder's own language model (Z-Image's Qwen3-4B); printed, and kept in the PNG")
     p.add_argument("--enhance-seed", type=int, metavar="N", help="sample the expansion with this seed "
                    "(default: greedy, the same words every time)")
     p.set_defaults(func=_cmd_generate)
+
+
+def add_lora_option(p, *, more: str = "") -> None:
+    """``--lora FILE[:STRENGTH]`` (generate's and sweep's): fixed LoRAs, merged as the weights load."""
+    p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="apply a LoRA (repeatable; "
+                   f"strength default 1), merged into the weights as they load{more}")
 
 
 def add_image_options(p, *, seed_default: str = "random, printed") -> None:

@@ -60,9 +60,10 @@ def test_every_command_that_loads_a_model_takes_the_same_model_options(command):
     first = {"generate": ["a fox"], "serve": [], "batch": ["jobs.jsonl"],
              "sweep": ["a fox", "--loras", "l", "--out", "o"]}[command]  # fmt: skip
     args = build_parser().parse_args([command, *first, "--models", "m", "--model", "sd3.5-large",
-                                      "--clip-g", "g.safetensors", "--no-t5", "--quant", "w8a8",
-                                      "--vram-budget", "7GiB", "--device", "cpu"])  # fmt: skip
+                                      "--dit", "ft.safetensors", "--clip-g", "g.safetensors", "--no-t5",
+                                      "--quant", "w8a8", "--vram-budget", "7GiB",
+                                      "--device", "cpu"])  # fmt: skip
     assert model_settings(args) == dict(
-        models="m", model="sd3.5-large", dit=None, components={"clip_g": "g.safetensors"}, without=("t5",),
-        tokenizer=None, device="cpu", vram_budget="7GiB", quant="w8a8",
+        models="m", model="sd3.5-large", dit="ft.safetensors", components={"clip_g": "g.safetensors"},
+        without=("t5",), tokenizer=None, device="cpu", vram_budget="7GiB", quant="w8a8",
     )  # fmt: skip

@@ -165,6 +165,54 @@ def test_lora_sweep_runs_branches_on_one_base_model(run, tmp_path):
     _grid_checks(result)
 
 
+def test_a_fixed_lora_on_every_checkpoint_and_a_lora_sweep_on_a_fine_tune(run, tmp_path, capsys):
+    """--lora merges into each checkpoint as it loads; --dit is a LoRA sweep's base model."""
+    models, root = run
+    first = root / "files" / "zimage_ft-2.safetensors"
+    sd = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(first)).items()}
+    targets = ("layers.0.attention.qkv", "layers.1.attention.out")
+    shapes = {m: tuple(sd[m + ".weight"].shape) for m in targets}
+    fixed = save_lora(peft_keys(random_lora(shapes, rank=4, seed=8, size=2.0)),
+                      tmp_path / "fixed.safetensors")  # fmt: skip
+    swept = save_lora(peft_keys(random_lora(shapes, rank=4, seed=9, size=2.0)),
+                      tmp_path / "loras" / "style-000300.safetensors")  # fmt: skip
+    image = ["--width", "32", "--height", "32", "--steps", "2", "--seed", "5", "--device", "cpu", "--quant",
+             "none", "--models", str(models.comfy)]  # fmt: skip
+
+    out = tmp_path / "checkpoints"
+    assert main(["sweep", PROMPTS[0], "--checkpoints", str(root / "files"), "--lora", f"{fixed}:0.7",
+                 "--out", str(out), *image]) == 0  # fmt: skip
+    cells = sorted(out.glob("01-*.png"), key=lambda p: step_number(p.stem))
+    assert [p.stem.rsplit("-", 1)[-1] for p in cells] == ["2", "10", "100"]
+    for cell, step in zip(cells, (2, 10, 100), strict=True):
+        dit = root / "files" / f"zimage_ft-{step}.safetensors"
+        reference = load_pipeline(models.comfy, dit=dit, loras=[(fixed, 0.7)], **RUN)
+        plain = load_pipeline(models.comfy, dit=dit, **RUN)
+        assert np.array_equal(_pixels(cell), _pixels(reference.generate(PROMPTS[0], **SETTINGS))), step
+        assert not np.array_equal(_pixels(cell), _pixels(plain.generate(PROMPTS[0], **SETTINGS))), step
+        assert [(r["name"], r["strength"]) for r in read_png_metadata(cell)["loras"]] == [("fixed", 0.7)]
+
+    out = tmp_path / "loras-out"
+    tuned = root / "files" / "zimage_ft-10.safetensors"
+    assert main(["sweep", PROMPTS[0], "--loras", str(tmp_path / "loras"), "--strengths", "0,1", "--dit",
+                 str(tuned), "--out", str(out), *image]) == 0  # fmt: skip
+    zero, one = sorted(out.glob("01-*.png"))
+    base = load_pipeline(models.comfy, dit=tuned, keep_loaded=True, **RUN)
+    assert np.array_equal(_pixels(zero), _pixels(base.generate(PROMPTS[0], **SETTINGS)))
+    assert np.array_equal(_pixels(one), _pixels(base.generate(PROMPTS[0], loras=[(swept, 1.0)], **SETTINGS)))
+    assert read_png_metadata(one)["models"]["dit"]["file"] == tuned.name
+    capsys.readouterr()
+
+    assert main(["sweep", PROMPTS[0], "--checkpoints", str(root / "files"), "--dit", str(tuned), "--out",
+                 str(tmp_path / "no"), *image]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err == ("pascaline: error: --dit goes with --loras (the base model of the LoRAs); a checkpoint "
+                   "sweep's diffusion models are the checkpoints.\n")
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(InvalidArgumentError, match="dit goes with a LoRA sweep"):
+        load_sweep(models.comfy, checkpoints=root / "files", dit=tuned, **RUN)
+
+
 def test_sd3_simpletuner_checkpoints_with_guidance(tmp_path_factory, tmp_path):
     """SimpleTuner's SD3 output (diffusers-named transformer/ folders) beside a ComfyUI SD3 folder; with
     cfg the empty negative is encoded too, in the same single encoder pass."""

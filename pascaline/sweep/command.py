@@ -13,7 +13,7 @@ import sys
 
 def add_parser(sub) -> None:
     """The ``sweep`` subcommand (``cli.build_parser`` calls this)."""
-    from pascaline.cli import add_image_options, add_model_arguments
+    from pascaline.cli import add_image_options, add_lora_option, add_model_arguments
     from pascaline.sweep.runner import DEFAULT_SEED
 
     p = sub.add_parser(
@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
         "into one labelled grid.png: columns = checkpoints or LoRA and strength, rows = prompts. Each image "
         "is also saved as OUT/<row>_<column>.png with its settings; running the same command again makes "
         "only the images that are missing or whose settings changed. The text encoder runs once for the "
-        "whole sweep.",
+        "whole sweep. --lora puts a fixed LoRA on every checkpoint (or beside the swept ones); --dit gives "
+        "a LoRA sweep its base model (a fine-tune, say).",
     )
     p.add_argument("prompt", help="the first row's prompt")
     p.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
@@ -38,8 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--strengths", metavar="LIST", help="LoRA strengths, such as 0,0.5,1 (default 1)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (created; its parent must exist)")
-    add_model_arguments(p, dit=False)
+    add_model_arguments(p)
     add_image_options(p, seed_default=f"{DEFAULT_SEED}, so that a rerun resumes")
+    add_lora_option(p, more=", in every cell")
     p.set_defaults(func=run_command, seed=DEFAULT_SEED, enhance=False, enhance_seed=None)
 
 
@@ -55,6 +57,9 @@ def run_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.strengths is not None and args.loras is None:
         raise InvalidArgumentError("--strengths goes with --loras; a checkpoint sweep has no strengths.")
+    if args.dit is not None and args.checkpoints is not None:
+        raise InvalidArgumentError("--dit goes with --loras (the base model of the LoRAs); a checkpoint "
+                                   "sweep's diffusion models are the checkpoints.")
     # every option is checked before any weight is read
     strengths = parse_strengths(args.strengths or "1")
     prompts = check_prompts([args.prompt, *(args.prompts or ())])
@@ -62,10 +67,8 @@ def run_command(args: argparse.Namespace) -> int:
     bars = _ProgressBars()
     memory = HostMemoryPeak(interval=0.02).__enter__()
     try:
-        settings = model_settings(args)
-        del settings["dit"]  # the columns are the diffusion models
         sweep = load_sweep(checkpoints=args.checkpoints, loras=args.loras, strengths=strengths,
-                           progress=bars, **settings)  # fmt: skip
+                           progress=bars, fixed_loras=args.lora or (), **model_settings(args))  # fmt: skip
         for note in sweep.notes:
             print(f"pascaline: {note}", file=sys.stderr)
 

@@ -130,18 +130,26 @@ class Sweep:
 
 
 def load_sweep(models=None, *, checkpoints: str | Path | None = None, loras: str | Path | None = None,
-               strengths: Sequence[float] = (1.0,), model: str | None = None, **load_options) -> Sweep:
+               strengths: Sequence[float] = (1.0,), model: str | None = None, fixed_loras=(),
+               **load_options) -> Sweep:
     """The pipeline and columns of a sweep over the checkpoints in the folder ``checkpoints`` (text
     encoders and VAE from ``models``) or over the LoRA files in the folder ``loras`` at each of
-    ``strengths`` (on the base model of ``models``). ``load_options`` go to ``load_pipeline``
-    (``device``, ``quant``, ``vram_budget``, ``components``, ``progress``...). Every checkpoint's
-    family and shape, and every LoRA's fit, is checked here, before any weight is read."""
+    ``strengths`` (on the base model of ``models``, or ``dit``). ``fixed_loras``: ``[(path, strength)]``
+    in every cell, merged as each diffusion model loads (``load_pipeline``'s ``loras``).
+    ``load_options`` go to ``load_pipeline`` (``device``, ``quant``, ``vram_budget``, ``components``,
+    ``progress``...). Every checkpoint's family and shape, and every LoRA's fit, is checked here,
+    before any weight is read."""
     from pascaline.runtime.pipeline import load_pipeline
 
     if (checkpoints is None) == (loras is None):
         raise InvalidArgumentError("a sweep runs over checkpoints or over LoRAs; give one of the two "
                                    "folders.")
+    dit = load_options.pop("dit", None)
+    if checkpoints is not None and dit is not None:
+        raise InvalidArgumentError("a checkpoint sweep's diffusion models are its checkpoints; dit goes with "
+                                   "a LoRA sweep.")
     load_options.setdefault("keep_loaded", False)  # else run_sweep decides what stays in RAM
+    load_options["loras"] = fixed_loras
     if checkpoints is not None:
         found, notes = find_checkpoints(checkpoints)
         columns = checkpoint_columns(found)
@@ -153,7 +161,7 @@ def load_sweep(models=None, *, checkpoints: str | Path | None = None, loras: str
     else:
         found, notes = find_loras(loras)
         columns = lora_columns(found, strengths)
-        pipe = load_pipeline(models, model=model, **load_options)
+        pipe = load_pipeline(models, model=model, dit=dit, **load_options)
         pipe.check_loras([(c.path, 1.0) for c in found])
     return Sweep(pipe, columns, notes + pipe.notes)
 
