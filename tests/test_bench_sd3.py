@@ -112,6 +112,28 @@ def test_unknown_model_is_one_sentence_and_exit_2(capsys):
 # --- the run -------------------------------------------------------------------------------
 
 
+def test_the_stage_runs_encoders_give_the_joint_context_of_their_towers():
+    """CLIP-L | CLIP-G | zeros on the 77 CLIP rows, T5 below, as the pipeline assembles it."""
+    import torch
+
+    from pascaline.bench.kits.sd3 import build_text_encoders, encode_random_prompt
+
+    towers = build_text_encoders(dtype=torch.float32, device="cpu", seed=3, real_width=False)
+    assert [len(t.text_model.encoder.layers) for t in (towers.clip_l, towers.clip_g)] == [2, 2]
+    assert len(towers.t5.encoder.block) == 2 and towers.t5.config.d_model == 4096
+    context = encode_random_prompt(towers, 154, seed=1)
+    assert context.shape == (154, 4096) and torch.isfinite(context).all()
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, 256, (1, n), generator=gen) for n in (77, 77, 77)]
+    with torch.inference_mode():
+        clip_l = towers.clip_l(input_ids=ids[0], output_hidden_states=True).hidden_states[-2][0]
+        clip_g = towers.clip_g(input_ids=ids[1], output_hidden_states=True).hidden_states[-2][0]
+        t5 = towers.t5(input_ids=ids[2]).last_hidden_state[0]
+    assert torch.equal(context[:77, :768], clip_l) and torch.equal(context[:77, 768:2048], clip_g)
+    assert not context[:77, 2048:].any() and torch.equal(context[77:], t5)
+    assert not torch.equal(clip_l, clip_g[:, :768])
+
+
 def test_sd3_bench_run_beside_diffusers():
     """A CFG step (batch 2) at a test width: every placement and scheme, diffusers, stages, projections."""
     from pascaline.bench.report import format_table
@@ -147,7 +169,8 @@ def test_sd3_bench_run_beside_diffusers():
     assert base["diffusers"]["resident"]["s_per_it"]["median"] > 0 and base["ratio"]["resident"] > 0
     assert base["max_abs_diff"] < 1e-4  # the same weights through SD3Transformer2DModel
     assert "SD3Transformer2DModel" in base["note"]
-    assert [(s["name"], s["freed"]) for s in report["stages"]] == [("dit", True), ("vae", True)]
+    assert [(s["name"], s["freed"]) for s in report["stages"]] == [("encoder", True), ("dit", True),
+                                                                    ("vae", True)]  # fmt: skip
     for stage in report["stages"]:
         assert stage["seconds"] > 0 and stage["peak_rss_bytes"] > 0 and "peak_vram_bytes" in stage
     projected = report["projection"]
