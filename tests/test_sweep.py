@@ -206,10 +206,10 @@ def test_a_fixed_lora_on_every_checkpoint_and_a_lora_sweep_on_a_fine_tune(run, t
     assert main(["sweep", PROMPTS[0], "--checkpoints", str(root / "files"), "--dit", str(tuned), "--out",
                  str(tmp_path / "no"), *image]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert err == ("pascaline: error: --dit goes with --loras (the base model of the LoRAs); a checkpoint "
-                   "sweep's diffusion models are the checkpoints.\n")
+    assert err == ("pascaline: error: --dit goes with --loras (the LoRAs' base model); a checkpoint sweep's "
+                   "diffusion models are its checkpoints.\n")
     assert not (tmp_path / "no").exists()
-    with pytest.raises(InvalidArgumentError, match="dit goes with a LoRA sweep"):
+    with pytest.raises(InvalidArgumentError, match="--dit goes with --loras"):
         load_sweep(models.comfy, checkpoints=root / "files", dit=tuned, **RUN)
 
 

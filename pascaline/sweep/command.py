@@ -57,9 +57,6 @@ def run_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.strengths is not None and args.loras is None:
         raise InvalidArgumentError("--strengths goes with --loras; a checkpoint sweep has no strengths.")
-    if args.dit is not None and args.checkpoints is not None:
-        raise InvalidArgumentError("--dit goes with --loras (the base model of the LoRAs); a checkpoint "
-                                   "sweep's diffusion models are the checkpoints.")
     # every option is checked before any weight is read
     strengths = parse_strengths(args.strengths or "1")
     prompts = check_prompts([args.prompt, *(args.prompts or ())])

@@ -146,8 +146,8 @@ def load_sweep(models=None, *, checkpoints: str | Path | None = None, loras: str
                                    "folders.")
     dit = load_options.pop("dit", None)
     if checkpoints is not None and dit is not None:
-        raise InvalidArgumentError("a checkpoint sweep's diffusion models are its checkpoints; dit goes with "
-                                   "a LoRA sweep.")
+        raise InvalidArgumentError("--dit goes with --loras (the LoRAs' base model); a checkpoint sweep's "
+                                   "diffusion models are its checkpoints.")
     load_options.setdefault("keep_loaded", False)  # else run_sweep decides what stays in RAM
     load_options["loras"] = fixed_loras
     if checkpoints is not None:
