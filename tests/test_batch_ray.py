@@ -252,17 +252,22 @@ def test_an_interrupted_driver_is_resumed_by_a_rerun(models, cluster, tmp_path, 
             signal.raise_signal(signal.SIGINT)  # (os.kill may hand it to one of Ray's threads, later)
 
     settings = model_settings(build_parser().parse_args(args))
-    with pytest.raises(KeyboardInterrupt):
-        run_batch(
-            jobs,
-            out,
-            settings,
-            workers=2,
-            address=cluster.address,
-            progress=ctrl_c_after_two_rows,
-            echo=[].append,
-            warn=[].append,
-        )
+    # Python's own Ctrl-C handler, as on a terminal: a test run in the background ignores SIGINT
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_batch(
+                jobs,
+                out,
+                settings,
+                workers=2,
+                address=cluster.address,
+                progress=ctrl_c_after_two_rows,
+                echo=[].append,
+                warn=[].append,
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     first = entries(out)
     assert len(first) == 2 and first[0]["id"] != first[1]["id"]  # the lines of the two rows done, whole
     stats = {e["file"]: (out / e["file"]).stat().st_mtime_ns for e in first}

@@ -235,6 +235,10 @@ def test_argv_bytes_that_are_not_utf8_are_one_sentence(models, tmp_path):
     assert not out.exists()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(models, tmp_path):
     # -X importtime reports each import as it completes: the first interrupt lands as soon as
     # pascaline's entry module is in, i.e. during the imports of argparse, torch and the models
@@ -246,7 +250,9 @@ def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(models, tmp_path):
                         "cpu", "--width", "32", "--height", "32", "--steps", "200")  # fmt: skip
         argv.insert(1, "-X")
         argv.insert(2, "importtime")
-        process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        # as from a terminal: a test run in the background (a CI job, `cmd &`) ignores SIGINT, and a
+        # Python started with SIGINT ignored keeps ignoring it
+        process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
         lines: list[str] = []
         entered = threading.Event()
 
