@@ -174,6 +174,12 @@ def test_user_errors(sd3, tmp_path, capsys, tmp_path_factory, monkeypatch):
            tmp_path)
     _fails(capsys, ["--models", str(sd3.comfy), "--width", "4096", "--height", "64"],
            "larger than this MMDiT's position table allows", tmp_path)
+    depth = sd3.transformer.config.num_layers
+    _fails(capsys, ["--models", str(sd3.comfy), "--slg-layers", f"1,{depth}", "--slg-scale", "2"],
+           f"skip-layer guidance block {depth} is past this MMDiT's last block (it has {depth}, numbered 0 "
+           f"to {depth - 1})", tmp_path)
+    _fails(capsys, ["--models", str(zimage), "--slg-layers", "1", "--slg-scale", "2"],
+           "skip-layer guidance is an SD3.5 option; Z-Image has no skip layers", tmp_path)
     import pascaline.formats.sd3_tokenizers as toks
 
     monkeypatch.setattr(toks, "PACKAGED", tmp_path / "no-packaged-tokenizers")

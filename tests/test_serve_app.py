@@ -46,3 +46,15 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path):
     assert response.status_code == 413
     message = response.json()["error"]["message"]
     assert message == "the request body is larger than 48 MiB; send a smaller one."
+
+
+def test_list_fields_arrive_as_json_lists_and_leave_as_the_options_tuples():
+    """A tuple field (``slg_layers``) is a JSON list on the wire: pydantic's strict mode must take it."""
+    from pascaline.runtime.requests import parse_request
+    from pascaline.serve.app import ImagesBody, JobBody
+
+    for body in (JobBody, ImagesBody):
+        given = body.model_validate({"prompt": "a", "slg_layers": [7, 8, 9], "slg_scale": 2.5})
+        request = parse_request(given.model_dump(exclude_unset=True))
+        assert request.options.slg_layers == (7, 8, 9)
+    assert JobBody.model_json_schema()["properties"]["slg_layers"]["anyOf"][0]["type"] == "array"

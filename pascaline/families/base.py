@@ -177,6 +177,12 @@ class Family:
             raise InvalidArgumentError(
                 f"unknown scheduler {scheduler!r} for {self.label}; choose one of {known}.")
 
+    def check_skip_layers(self, config, layers) -> None:
+        """Refuse skip-layer guidance on ``layers`` that the diffusion model of ``config`` does not have
+        (default: a family without skip layers refuses any)."""
+        raise InvalidArgumentError(
+            f"skip-layer guidance is an SD3.5 option; {self.label} has no skip layers.")
+
     def check_size(self, config, width: int, height: int) -> None:
         """Refuse an image size the diffusion model of ``config`` cannot place (default: any fits)."""
 

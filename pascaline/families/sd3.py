@@ -222,6 +222,14 @@ class SD3(Family):
                 f"{width}x{height} is larger than this MMDiT's position table allows "
                 f"({config.max_image_side} px a side); keep both sides at or below {config.max_image_side}.")
 
+    def check_skip_layers(self, config, layers) -> None:
+        depth = config.depth
+        past = [i for i in layers if i >= depth]
+        if past:  # ComfyUI and diffusers skip nothing then, and say nothing
+            raise InvalidArgumentError(
+                f"skip-layer guidance block {past[0]} is past this MMDiT's last block (it has {depth}, "
+                f"numbered 0 to {depth - 1}); give block numbers below {depth}.")
+
     def guess_variant(self, config) -> str:
         if config.dual_attention_layers:
             return "sd3.5-medium"

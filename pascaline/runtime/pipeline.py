@@ -266,9 +266,8 @@ class Pipeline:
         options = options.resolved(self.variant.defaults)
         self.family.check_sampling(options.sampler, options.scheduler)
         options.check_blind_start()
-        if options.slg_scale and options.slg_layers and not self.family.supports_skip_layers:
-            raise InvalidArgumentError(f"skip-layer guidance is an SD3.5 option; {self.family.label} has no "
-                                       "skip layers.")
+        if options.slg_scale and options.slg_layers:
+            self.family.check_skip_layers(self.dit_config(), options.slg_layers)
         return options
 
     def run(self, options: GenerateOptions, *, callback: sampling.StepCallback | None = None):

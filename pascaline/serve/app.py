@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
+import operator
 import re
 import secrets
 import time
+import types
+import typing
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -45,10 +49,21 @@ MAX_BODY_BYTES = 48 << 20  # a request with a base64 init image of 32 MiB still 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+def _json_type(annotation: Any) -> Any:
+    """``annotation`` as JSON carries it: a tuple arrives as a list (``parse_request`` makes the tuple;
+    pydantic's strict mode would refuse every list sent for a tuple field)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, (_json_type(a) for a in args))
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return list[_json_type(args[0])]
+    return annotation
+
+
 def _fields_model(name: str, exclude: tuple[str, ...] = (), base: type[BaseModel] | None = None):
     """A pydantic model of the request fields (the OpenAPI schema, and the first check of each)."""
     fields = {
-        f.name: (f.annotation, ... if f.required else f.default)
+        f.name: (_json_type(f.annotation), ... if f.required else f.default)
         for f in request_fields().values()
         if f.name not in exclude
     }
@@ -90,7 +105,8 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 _STATUS = {JobNotFoundError: (404, "not_found_error"), JobFinishedError: (409, "conflict_error")}
 _BOUNDS = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le")}
 _EXPECTED = {"int_type": "a whole number", "int_from_float": "a whole number", "float_type": "a number",
-             "string_type": "text", "bool_type": "true or false", "literal_error": None}  # fmt: skip
+             "string_type": "text", "bool_type": "true or false", "list_type": "a list",
+             "literal_error": None}  # fmt: skip
 
 
 def validation_sentence(errors: list[dict[str, Any]], accepted: list[str]) -> str:

@@ -61,6 +61,7 @@ class JobService:
                  echo: Callable[[str], None] = print, lora_root: Path | None = None):  # fmt: skip
         self.store, self.hub, self.out = store, hub, Path(out)
         self._loader, self._pipe, self._key = loader, first, ()
+        self._first = first  # the server's own pipeline: requests for it are checked against it
         # LoRA names in requests are files of this folder (models/loras/), never other paths
         self.lora_root = lora_root or Path(out) / "loras"
         self._ready = False  # the pipeline's models are in host RAM
@@ -96,7 +97,11 @@ class JobService:
             self._thread.join(timeout)
 
     def submit(self, requests: list[JobRequest], batch: str | None = None) -> list[Job]:
-        """Queue one job per request (next to each other, in order)."""
+        """Queue one job per request (next to each other, in order); a request the server's own model
+        cannot run (a sampler it lacks, skip layers it does not have) is refused first, queuing none."""
+        for request in requests:
+            if request.pipeline_key == () and self._first is not None:
+                self._first.resolve(request.options)  # headers only: no weight is read
         with self._queue_lock:  # the worker cannot start them before their "queued" event is out
             ids = self.store.add([r.record for r in requests], batch)
             jobs = [self.store.get(i) for i in ids]
