@@ -1,4 +1,4 @@
-"""pascaline: Z-Image Turbo on 8 GB Pascal and Turing GPUs.
+"""pascaline: Z-Image Turbo and Stable Diffusion 3 / 3.5 on 8 GB Pascal and Turing GPUs.
 
 Importing this package is cheap and has no side effects: no GPU probe, no torch
 flags, no diffusers import. Public names are resolved on first use.

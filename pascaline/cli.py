@@ -733,7 +733,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pascaline",
-        description="Z-Image Turbo on 8 GB Pascal/Turing GPUs.",
+        description="Z-Image Turbo and Stable Diffusion 3 / 3.5 on 8 GB Pascal/Turing GPUs.",
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
