@@ -221,4 +221,5 @@ def test_bench_models_runs_the_real_pipeline(tmp_path):
     assert row["strategy"] == "resident" and 0 < s["min"] <= s["median"] <= s["max"]
     assert row["full_depth_label"] == "measured" and row["peak_rss_bytes"] > 0
     names = [st["name"] for st in report["stages"]]
-    assert "dit" in names and all(st["freed"] for st in report["stages"])
+    assert names == ["encoder", "dit", "vae"] and all(st["freed"] for st in report["stages"])
+    assert "stages (the timed image, real weights):" in out.stdout

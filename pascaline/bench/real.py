@@ -1,10 +1,11 @@
 """``pascaline bench --models DIR``: the real pipeline on real weights, in the same report.
 
 Each strategy loads the pipeline (``resident``: no VRAM budget; ``streamed``: the user's
-budget or the device default; the scheme as its quantization), runs one untimed image of
-``warmup`` steps, then one image of ``iterations`` steps; every sampler step is one DiT
-forward, timed between the pipeline's step reports (device synchronized). Stages are the
-pipeline's own ledger records. No diffusers baseline: it would need a second copy of the
+budget or the device default; the scheme as its quantization), runs one untimed latent of
+``warmup`` steps, then one whole image of ``iterations`` steps from another prompt; every
+sampler step is one DiT forward, timed between the pipeline's step reports (device
+synchronized). Stages are the pipeline's own ledger records of that image (encoders, DiT,
+VAE decode). No diffusers baseline: it would need a second copy of the
 weights in memory. Any family runs: the folder's family (or ``--model``'s) gives the
 diffusion model's config, read from the tensor shapes of its file.
 """
@@ -20,6 +21,7 @@ from pascaline.bench.timing import Stats, synchronize
 from pascaline.runtime.device import dtype_name
 
 PROMPT = "a lighthouse at dusk, volumetric light, 35mm photograph"
+WARMUP_PROMPT = "a red fox in the snow"  # another prompt: the timed image runs its encoder stage too
 
 
 class _StepClock:
@@ -61,11 +63,11 @@ def measure_real(models: str, name: str, placement: str, quant: str | None, ctx)
     budget = None if placement == "resident" else (ctx.vram_budget or "auto")
     pipe = load_pipeline(models, model=ctx.variant.name, device=str(ctx.device), vram_budget=budget,
                          quant=quant or "none", keep_loaded=True, progress=clock)  # fmt: skip
-    size = {"width": ctx.resolution, "height": ctx.resolution, "seed": 0, "output": "latent"}
+    size = {"width": ctx.resolution, "height": ctx.resolution, "seed": 0}
     if ctx.warmup:
-        pipe.generate(PROMPT, steps=ctx.warmup, **size)
+        pipe.generate(WARMUP_PROMPT, steps=ctx.warmup, output="latent", **size)
     clock.stamps.clear()
-    pipe.generate(PROMPT, steps=ctx.iterations, **size)
+    pipe.generate(PROMPT, steps=ctx.iterations, **size)  # a whole image: every stage is in the report
     report, dtype = pipe.last_report, pipe.dtypes["dit"]
     pipe.unload_()
     stats = Stats.of(clock.samples())
