@@ -5,8 +5,8 @@ budget or the device default; the scheme as its quantization), runs one untimed 
 ``warmup`` steps, then one whole image of ``iterations`` steps from another prompt; every
 sampler step is one DiT forward, timed between the pipeline's step reports (device
 synchronized). Stages are the pipeline's own ledger records of that image (encoders, DiT,
-VAE decode). No diffusers baseline: it would need a second copy of the
-weights in memory. Any family runs: the folder's family (or ``--model``'s) gives the
+VAE decode). No diffusers baseline: it would need a second copy of the weights in memory.
+Any family runs: the folder's family (or ``--model``'s) gives the
 diffusion model's config, read from the tensor shapes of its file.
 """
 

@@ -167,8 +167,7 @@ def format_table(report: dict) -> str:
     if report["baseline"]["note"]:
         lines.append(f"baseline: {report['baseline']['note']}")
     if report["stages"]:
-        what = ("synthetic pipeline, one pass each" if report["config"].get("synthetic", True)
-                else "the timed image, real weights")
+        what = "synthetic pipeline, one pass each" if cfg["synthetic"] else "the timed image, real weights"
         lines += ["", f"stages ({what}):"]
         lines += _rows(
             ["stage", "seconds", "peak VRAM GiB", "peak RSS GiB", "freed"],

@@ -179,9 +179,10 @@ class Family:
 
     def check_skip_layers(self, config, layers) -> None:
         """Refuse skip-layer guidance on ``layers`` that the diffusion model of ``config`` does not have
-        (default: a family without skip layers refuses any)."""
-        raise InvalidArgumentError(
-            f"skip-layer guidance is an SD3.5 option; {self.label} has no skip layers.")
+        (here: any, unless ``supports_skip_layers``; a family that has them also checks the numbers)."""
+        if not self.supports_skip_layers:
+            raise InvalidArgumentError(
+                f"skip-layer guidance is an SD3.5 option; {self.label} has no skip layers.")
 
     def check_size(self, config, width: int, height: int) -> None:
         """Refuse an image size the diffusion model of ``config`` cannot place (default: any fits)."""

@@ -223,6 +223,7 @@ class SD3(Family):
                 f"({config.max_image_side} px a side); keep both sides at or below {config.max_image_side}.")
 
     def check_skip_layers(self, config, layers) -> None:
+        super().check_skip_layers(config, layers)
         depth = config.depth
         past = [i for i in layers if i >= depth]
         if past:  # ComfyUI and diffusers skip nothing then, and say nothing
